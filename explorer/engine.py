@@ -1,0 +1,118 @@
+"""The one traced forward pass every experiment goes through.
+
+`run` takes a batch of token ids, a list of interventions (write a value into a site
+for chosen rows/positions/heads) and a list of sites to read, and returns the logits
+at the last position plus what was read. Interventions and reads are applied in the
+order the model computes them, which nnsight requires.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from explorer.adapters import LINEAR, SITE_ORDER
+from explorer.errors import ExplorerInputError
+
+
+@dataclass
+class Intervention:
+    """Write `value` into `site` of `layer` for batch `rows`.
+
+    rows: [n] batch indices. pos: [n] positions, or None for all positions.
+    heads: [n] head indices (head_out only), or None.
+    value: [n, d] (or [n, d_head] for heads) when pos is given; [n, pos, d] when pos is None.
+    value may also be a float scalar (e.g. 0.0 for zero ablation).
+    """
+
+    site: str
+    layer: int
+    rows: torch.Tensor
+    pos: torch.Tensor | None
+    value: torch.Tensor | float
+    heads: torch.Tensor | None = None
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.layer, SITE_ORDER[self.site])
+
+
+def _as_tensor(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _write(x: torch.Tensor, iv: Intervention, n_heads: int) -> None:
+    """In-place write; x is [batch, pos, d] (head_out: [batch, pos, heads*d_head])."""
+    value = iv.value if not torch.is_tensor(iv.value) else iv.value.to(x.device, x.dtype)
+    if iv.site == "head_out":
+        view = x.view(x.shape[0], x.shape[1], n_heads, -1)  # [batch, pos, head, d_head]
+        if iv.pos is None:
+            view[iv.rows, :, iv.heads] = value
+        else:
+            view[iv.rows, iv.pos, iv.heads] = value
+    elif iv.pos is None:
+        x[iv.rows] = value
+    else:
+        x[iv.rows, iv.pos] = value
+
+
+def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), reads: list[tuple[str, int]] = (),
+        all_logits: bool = False) -> tuple[torch.Tensor, dict]:
+    """One traced forward pass. Returns (logits [batch, vocab] at the last position, reads).
+
+    reads maps (site, layer) -> tensor [batch, pos, ...]; head_out is [batch, pos, head, d_head],
+    attn_pattern is [batch, head, query, key]. With all_logits the logits are [batch, pos, vocab].
+    """
+    arch, sites = lm.arch, lm.sites
+    for site, layer in reads:
+        arch.check_layer(layer)
+        if site == "attn_pattern":
+            arch.check_softmax(layer, "An attention pattern")
+    # Group by (layer, site) in execution order.
+    steps: dict[tuple[int, int], tuple[str, int, list, bool]] = {}
+    for iv in interventions:
+        arch.check_layer(iv.layer)
+        if iv.site == "attn_pattern":
+            raise ExplorerInputError("Attention patterns can be read, not patched.")
+        steps.setdefault(iv.order, (iv.site, iv.layer, [], False))[2].append(iv)
+    for site, layer in reads:
+        key = (layer, SITE_ORDER[site])
+        s, l, ivs, _ = steps.get(key, (site, layer, [], False))
+        steps[key] = (s, l, ivs, True)
+    input_ids = input_ids.to(lm.device)
+    saved = {}
+    with lm.lock, torch.no_grad():
+        with lm.nn.trace(input_ids, **({} if all_logits else {"logits_to_keep": 1})):
+            root = lm.nn
+            for key in sorted(steps):
+                site, layer, ivs, read = steps[key]
+                n_heads = arch.heads_in(layer)
+                if site == "resid_pre":
+                    x = sites.layer(root, layer).input
+                elif site == "head_out":
+                    x = sites.o_proj(root, layer).input
+                elif site == "attn_out":
+                    x = _as_tensor(sites.mixer(root, layer).output)
+                elif site == "attn_pattern":
+                    x = sites.mixer(root, layer).output[1]
+                elif site == "mlp_out":
+                    x = sites.mlp(root, layer).output
+                elif site == "resid_post":
+                    x = _as_tensor(sites.layer(root, layer).output)
+                else:
+                    raise ExplorerInputError(f"Unknown site {site!r}.")
+                for iv in ivs:
+                    _write(x, iv, n_heads)
+                if read:
+                    if site == "head_out":
+                        saved[(site, layer)] = x.view(x.shape[0], x.shape[1], n_heads, -1).clone().save()
+                    else:
+                        saved[(site, layer)] = x.clone().save()
+            logits = lm.nn.output.logits.save()
+    lm.forward_calls += 1
+    logits = logits if all_logits else logits[:, -1, :]
+    return logits.float(), {k: v for k, v in saved.items()}
+
+
+def layer_kind_note(arch, layer: int) -> str:
+    return "linear attention" if arch.layer_kind(layer) == LINEAR else "softmax attention"

@@ -1,0 +1,159 @@
+"""Loading models through nnsight, with the identity, lock and adapter every experiment needs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from explorer.adapters import Architecture, Sites, architecture_for
+from explorer.errors import ExplorerInputError
+from explorer.runtime import REPO_ROOT, cache_dir, configure_threads, pick_device, pick_dtype
+
+DEMO_MODEL_DIR = REPO_ROOT / "explorer" / "demo" / "model"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+@dataclass
+class LoadedModel:
+    """An nnsight-wrapped causal LM plus what experiments need to know about it.
+
+    Every trace must hold `lock`: nnsight traces on one shared model are not thread
+    safe, and Streamlit serves each browser session from its own thread.
+    """
+
+    nn: object  # nnsight TransformersModel
+    tokenizer: object
+    arch: Architecture
+    model_id: str
+    weight_hash: str
+    dtype: str
+    device: str
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    forward_calls: int = 0  # traced forward passes run so far; tests use it to prove cache hits
+
+    @property
+    def sites(self) -> Sites:
+        return Sites(self.arch)
+
+    @property
+    def torch_model(self):
+        return self.nn._module
+
+    @property
+    def identity(self) -> str:
+        """What cache keys use to name this model: weights, dtype, device."""
+        return f"{self.model_id}|{self.weight_hash}|{self.dtype}|{self.device}"
+
+    def describe(self) -> dict:
+        return {"model_id": self.model_id, "family": self.arch.name, "weight_hash": self.weight_hash,
+                "dtype": self.dtype, "device": self.device, "n_layers": self.arch.n_layers,
+                "n_heads": self.arch.n_heads, "d_model": self.arch.d_model}
+
+
+def _sha_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def weight_hash(folder: Path) -> str:
+    """sha256 over a folder's weight files, remembered per (path, size, mtime) under cache/."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise ExplorerInputError(f"{str(folder)!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}).")
+    stamp = json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    memo_file = cache_dir() / "weight_hashes.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key = hashlib.sha256(stamp.encode()).hexdigest()
+    if key not in memo:
+        memo[key] = _sha_files(files)
+        memo_file.write_text(json.dumps(memo))
+    return memo[key]
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        # A word-level tokenizer.json saved beside a qwen2/llama config is ignored by
+        # AutoTokenizer (it returns the family's BPE tokenizer), so honour the declared class.
+        declared = json.loads(config_file.read_text()).get("tokenizer_class")
+        if declared == "PreTrainedTokenizerFast":
+            return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+
+
+def resolve_model_path(model: str) -> tuple[str, Path | None]:
+    """Map a user's model string to (display id, local folder or None for a hub id)."""
+    if model in ("demo", "", None):
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            raise ExplorerInputError("The bundled demo model is missing; run `python -m explorer.demo.train`.")
+        return "demo", DEMO_MODEL_DIR
+    if model == "smollm2":
+        from explorer.smollm2 import prepared_folder
+        return "smollm2", prepared_folder()
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ExplorerInputError(f"Folder {model!r} has no config.json; it is not a Hugging Face model folder.")
+        return model, path
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ExplorerInputError(f"Model folder {model!r} does not exist.")
+    return model, None
+
+
+def load_model(model: str = "demo", device: str = "auto", dtype: str = "float32",
+               trust_remote_code: bool = False, threads: int | None = None) -> LoadedModel:
+    """Load by hub id, local folder, 'demo' or 'smollm2' through nnsight's TransformersModel."""
+    configure_threads(threads)
+    model_id, folder = resolve_model_path(model)
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype)
+    from transformers import AutoConfig
+    source = str(folder) if folder else model
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # hub unreachable, unknown id, remote code refused ...
+        raise ExplorerInputError(
+            f"Could not load model {model!r}: {str(exc).splitlines()[0][:300]}. "
+            "Give a local folder, 'demo', 'smollm2' (after `python -m explorer models prepare smollm2`) "
+            "or a Hugging Face id reachable from this machine."
+        ) from None
+    arch = architecture_for(config)
+    tokenizer = load_tokenizer(folder, trust_remote_code) if folder else _hub_tokenizer(model, trust_remote_code)
+    from nnsight.modeling.transformers import TransformersModel
+
+    kwargs = dict(task="text-generation", dispatch=True, tokenizer=tokenizer, dtype=torch_dtype,
+                  attn_implementation="eager", trust_remote_code=trust_remote_code)
+    if device != "cpu":
+        kwargs["device_map"] = device
+    nn_model = TransformersModel(source, **kwargs)
+    nn_model._module.eval()
+    whash = weight_hash(folder) if folder else _hash_tensors(nn_model._module)
+    return LoadedModel(nn=nn_model, tokenizer=tokenizer, arch=arch, model_id=model_id,
+                       weight_hash=whash, dtype=dtype, device=device)
+
+
+def _hub_tokenizer(model: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+
+
+def _hash_tensors(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

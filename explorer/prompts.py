@@ -1,0 +1,211 @@
+"""Prompt pairs: the clean/corrupted contrast every experiment starts from.
+
+Holds the JSONL prompt-set format (DESIGN.md), the single-token answer check and
+the token table that marks positions where the two prompts differ.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+
+import torch
+
+from explorer.errors import ExplorerInputError
+
+REQUIRED_FIELDS = ("clean", "corrupted", "clean_answer", "corrupted_answer")
+CATEGORIES = ("headline", "control")
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    clean: str
+    corrupted: str
+    clean_answer: str
+    corrupted_answer: str
+    id: str = "pair"
+    category: str = "headline"
+    task: str = ""
+    notes: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A prompt pair turned into token ids for one tokenizer."""
+
+    pair: PromptPair
+    clean_ids: tuple[int, ...]
+    corrupted_ids: tuple[int, ...]
+    clean_answer_id: int
+    corrupted_answer_id: int
+    clean_tokens: tuple[str, ...]
+    corrupted_tokens: tuple[str, ...]
+
+    @property
+    def same_length(self) -> bool:
+        return len(self.clean_ids) == len(self.corrupted_ids)
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.clean_ids)
+
+    @property
+    def differing_positions(self) -> list[int]:
+        """Positions whose input token differs (only meaningful for equal lengths)."""
+        return [i for i, (a, b) in enumerate(zip(self.clean_ids, self.corrupted_ids)) if a != b]
+
+    def clean_tensor(self) -> torch.Tensor:  # [1, pos]
+        return torch.tensor([self.clean_ids], dtype=torch.long)
+
+    def corrupted_tensor(self) -> torch.Tensor:  # [1, pos]
+        return torch.tensor([self.corrupted_ids], dtype=torch.long)
+
+    def require_same_length(self, what: str) -> None:
+        if not self.same_length:
+            raise ExplorerInputError(
+                f"{what} needs the clean and corrupted prompts to have the same number of tokens "
+                f"(clean: {len(self.clean_ids)}, corrupted: {len(self.corrupted_ids)}). "
+                "Edit the prompts to line up token by token, or use last-position patching only."
+            )
+
+    def token_table(self):
+        """pandas frame: one row per position, clean/corrupted token, `differs` flag."""
+        import pandas as pd
+
+        n = max(len(self.clean_ids), len(self.corrupted_ids))
+        rows = []
+        for pos in range(n):
+            clean = self.clean_tokens[pos] if pos < len(self.clean_tokens) else ""
+            corr = self.corrupted_tokens[pos] if pos < len(self.corrupted_tokens) else ""
+            differs = (pos >= len(self.clean_ids) or pos >= len(self.corrupted_ids)
+                       or self.clean_ids[pos] != self.corrupted_ids[pos])
+            rows.append({"pos": pos, "clean_token": clean, "corrupted_token": corr, "differs": differs})
+        return pd.DataFrame(rows)
+
+    def position_labels(self) -> list[str]:
+        """Axis labels like '3:Mary' or '3:Mary/John' where the tokens differ."""
+        labels = []
+        for pos, clean in enumerate(self.clean_tokens):
+            corr = self.corrupted_tokens[pos] if pos < len(self.corrupted_tokens) else ""
+            labels.append(f"{pos}:{clean}" if clean == corr else f"{pos}:{clean}/{corr} *")
+        return labels
+
+
+def show_token(tokenizer, token_id: int) -> str:
+    """A readable form of one token; leading spaces shown as '␣' so they are not lost."""
+    text = tokenizer.decode([token_id])
+    return text.replace(" ", "␣").replace("\n", "\\n")
+
+
+def answer_token_id(tokenizer, answer: str, which: str) -> int:
+    """The single token id of `answer`, or an error that shows how it tokenizes."""
+    if not answer:
+        raise ExplorerInputError(f"The {which} answer is empty; give the one token the model should predict.")
+    ids = tokenizer.encode(answer, add_special_tokens=False)
+    if len(ids) == 1:
+        return ids[0]
+    pieces = " | ".join(repr(tokenizer.decode([i])) for i in ids) or "(nothing)"
+    hint = ""
+    if not answer.startswith(" "):
+        alt = tokenizer.encode(" " + answer, add_special_tokens=False)
+        if len(alt) == 1:
+            hint = f" Try {(' ' + answer)!r} with a leading space: that is one token."
+    raise ExplorerInputError(
+        f"The {which} answer {answer!r} is {len(ids)} tokens, not one: {pieces}. "
+        f"Answers must be a single token.{hint}"
+    )
+
+
+def tokenize_pair(tokenizer, pair: PromptPair) -> TokenizedPair:
+    for name in ("clean", "corrupted"):
+        if not getattr(pair, name).strip():
+            raise ExplorerInputError(f"The {name} prompt is empty; type a prompt.")
+    clean_ids = tuple(tokenizer(pair.clean)["input_ids"])
+    corrupted_ids = tuple(tokenizer(pair.corrupted)["input_ids"])
+    return TokenizedPair(
+        pair=pair,
+        clean_ids=clean_ids,
+        corrupted_ids=corrupted_ids,
+        clean_answer_id=answer_token_id(tokenizer, pair.clean_answer, "clean"),
+        corrupted_answer_id=answer_token_id(tokenizer, pair.corrupted_answer, "corrupted"),
+        clean_tokens=tuple(show_token(tokenizer, i) for i in clean_ids),
+        corrupted_tokens=tuple(show_token(tokenizer, i) for i in corrupted_ids),
+    )
+
+
+@dataclass
+class PromptSet:
+    """Pairs loaded from a JSONL file, with the lines that could not be read."""
+
+    pairs: list[PromptPair]
+    errors: list[str] = field(default_factory=list)
+    path: str | None = None
+    sha256: str | None = None
+
+    def by_category(self, category: str) -> list[PromptPair]:
+        return [p for p in self.pairs if p.category == category]
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted({p.task for p in self.pairs})
+
+
+def parse_pair(record: object, default_id: str) -> PromptPair:
+    if not isinstance(record, dict):
+        raise ExplorerInputError("expected a JSON object")
+    missing = [f for f in REQUIRED_FIELDS if not isinstance(record.get(f), str) or record.get(f) == ""]
+    if missing:
+        raise ExplorerInputError(f"missing or empty field(s): {', '.join(missing)}")
+    category = record.get("category", "headline")
+    if category not in CATEGORIES:
+        raise ExplorerInputError(f"category must be 'headline' or 'control', not {category!r}")
+    return PromptPair(
+        id=str(record.get("id", default_id)),
+        clean=record["clean"],
+        corrupted=record["corrupted"],
+        clean_answer=record["clean_answer"],
+        corrupted_answer=record["corrupted_answer"],
+        category=category,
+        task=str(record.get("task", "")),
+        notes=str(record.get("notes", "")),
+    )
+
+
+def parse_jsonl(text: str, path: str | None = None) -> PromptSet:
+    """Read JSONL text; each bad line is reported by number and skipped."""
+    pairs, errors = [], []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(f"line {line_no}: not valid JSON ({exc.msg})")
+            continue
+        try:
+            pairs.append(parse_pair(record, default_id=f"line{line_no}"))
+        except ExplorerInputError as exc:
+            errors.append(f"line {line_no}: {exc}")
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    return PromptSet(pairs=pairs, errors=errors, path=path, sha256=sha)
+
+
+def load_prompt_set(path: str | Path) -> PromptSet:
+    path = Path(path)
+    if not path.is_file():
+        raise ExplorerInputError(f"Prompt set {str(path)!r} does not exist.")
+    result = parse_jsonl(path.read_text(encoding="utf-8"), path=str(path))
+    if not result.pairs:
+        detail = f" First problem: {result.errors[0]}" if result.errors else ""
+        raise ExplorerInputError(f"Prompt set {str(path)!r} has no valid pairs.{detail}")
+    return result
+
+
+def write_jsonl(pairs: list[PromptPair], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for pair in pairs:
+            fh.write(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n")
