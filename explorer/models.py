@@ -90,7 +90,7 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
         # A word-level tokenizer.json saved beside a qwen2/llama config is ignored by
         # AutoTokenizer (it returns the family's BPE tokenizer), so honour the declared class.
         declared = json.loads(config_file.read_text()).get("tokenizer_class")
-        if declared == "PreTrainedTokenizerFast":
+        if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
             return PreTrainedTokenizerFast.from_pretrained(str(folder))
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
 

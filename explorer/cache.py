@@ -1,0 +1,64 @@
+"""Activation cache: in memory and on disk, keyed by model identity, token ids and sites.
+
+A revisit of the same prompt on the same weights runs no forward pass. Files are
+safetensors named by the sha256 of the key, so names never leak prompt text.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+
+import torch
+
+from explorer import engine
+from explorer.runtime import cache_dir
+
+_MEMORY: OrderedDict[str, dict] = OrderedDict()
+MEMORY_ENTRIES = 64
+
+
+def cache_key(lm, token_ids, reads) -> str:
+    payload = json.dumps({"model": lm.identity, "ids": list(map(int, token_ids)),
+                          "reads": sorted([list(r) for r in reads])})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _disk_path(key: str):
+    folder = cache_dir() / "activations"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{key}.safetensors"
+
+
+def get_activations(lm, token_ids, reads: list[tuple[str, int]], use_disk: bool = True) -> tuple[torch.Tensor, dict]:
+    """(last-position logits [vocab], {(site, layer): tensor without the batch dim}) for one prompt."""
+    from safetensors.torch import load_file, save_file
+
+    reads = sorted(set(reads))
+    key = cache_key(lm, token_ids, reads)
+    if key in _MEMORY:
+        _MEMORY.move_to_end(key)
+        hit = _MEMORY[key]
+        return hit["logits"], hit["acts"]
+    path = _disk_path(key) if use_disk else None
+    if path is not None and path.is_file():
+        flat = load_file(str(path))
+        acts = {(k.split(":")[0], int(k.split(":")[1])): v for k, v in flat.items() if k != "logits"}
+        entry = {"logits": flat["logits"], "acts": acts}
+    else:
+        ids = torch.tensor([list(token_ids)], dtype=torch.long)
+        logits, saved = engine.run(lm, ids, reads=reads)
+        acts = {k: v[0].detach().to("cpu").contiguous() for k, v in saved.items()}
+        entry = {"logits": logits[0].detach().cpu(), "acts": acts}
+        if path is not None:
+            flat = {f"{s}:{l}": t for (s, l), t in acts.items()}
+            flat["logits"] = entry["logits"].contiguous()
+            save_file(flat, str(path))
+    _MEMORY[key] = entry
+    while len(_MEMORY) > MEMORY_ENTRIES:
+        _MEMORY.popitem(last=False)
+    return entry["logits"], entry["acts"]
+
+
+def clear_memory() -> None:
+    _MEMORY.clear()

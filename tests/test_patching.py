@@ -1,0 +1,176 @@
+"""Patching checked against an independent plain-torch forward-hook implementation."""
+import numpy as np
+import pytest
+import torch
+
+from explorer.errors import ExplorerInputError
+from explorer.patching import LAST, Cell, head_set_patch, head_sweep, patch_sweep, patched_logit_diffs
+from explorer.prompts import PromptPair, tokenize_pair
+
+PAIR = PromptPair(clean="w3 w7 w11 w5 w9 w2", corrupted="w3 w8 w11 w5 w9 w2", clean_answer="w4", corrupted_answer="w6")
+
+
+def _first(args, kwargs):
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def hook_patch_ld(lm, src_ids, tgt_ids, site, layer, pos, head, clean_id, corr_id):
+    """Reference: capture the source activation with a hook, then overwrite it in the target run."""
+    model, sites = lm.torch_model, lm.sites
+    n_heads = lm.arch.heads_in(layer)
+    module = {"resid_pre": sites.layer, "resid_post": sites.layer, "attn_out": sites.mixer,
+              "mlp_out": sites.mlp, "head_out": sites.o_proj}[site](model, layer)
+    uses_input = site in ("resid_pre", "head_out")
+    store = {}
+
+    def capture(mod, args, kwargs, output=None):
+        x = _first(args, kwargs) if uses_input else (output[0] if isinstance(output, tuple) else output)
+        store["src"] = x.detach().clone()
+
+    def overwrite(x):
+        x = x.clone()
+        sel = slice(None) if pos is None else pos
+        if head is None:
+            x[:, sel] = store["src"][:, sel]
+        else:
+            v = x.view(*x.shape[:2], n_heads, -1)
+            v[:, sel, head] = store["src"].view(*x.shape[:2], n_heads, -1)[:, sel, head]
+        return x
+
+    def pre(mod, args, kwargs):
+        if args:
+            return (overwrite(args[0]),) + args[1:], kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: overwrite(kwargs[key])}
+
+    def post(mod, args, kwargs, output):
+        if isinstance(output, tuple):
+            return (overwrite(output[0]),) + output[1:]
+        return overwrite(output)
+
+    with torch.no_grad():
+        if uses_input:
+            h = module.register_forward_pre_hook(lambda m, a, k: capture(m, a, k), with_kwargs=True)
+        else:
+            h = module.register_forward_hook(capture, with_kwargs=True)
+        model(torch.tensor([src_ids]))
+        h.remove()
+        h = module.register_forward_pre_hook(pre, with_kwargs=True) if uses_input else module.register_forward_hook(post, with_kwargs=True)
+        logits = model(torch.tensor([tgt_ids])).logits[0, -1]
+        h.remove()
+    return float(logits[clean_id] - logits[corr_id])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_5", "gemma2"])
+@pytest.mark.parametrize("site", ["resid_pre", "resid_post", "attn_out", "mlp_out"])
+def test_layer_position_sweep_matches_hooks(tiny_model, family, site):
+    lm = tiny_model(family)
+    tp = tokenize_pair(lm.tokenizer, PAIR)
+    res = patch_sweep(lm, tp, site, "each", "denoise")
+    assert len(res.frame) == lm.arch.n_layers * tp.n_pos
+    for row in res.frame.itertuples():
+        ref = hook_patch_ld(lm, tp.clean_ids, tp.corrupted_ids, site, row.layer, row.pos, None,
+                            tp.clean_answer_id, tp.corrupted_answer_id)
+        assert row.ld_patched == pytest.approx(ref, abs=1e-4)
+    # noise direction on a couple of cells
+    res = patch_sweep(lm, tp, site, "all", "noise")
+    for row in res.frame.itertuples():
+        ref = hook_patch_ld(lm, tp.corrupted_ids, tp.clean_ids, site, row.layer, None, None,
+                            tp.clean_answer_id, tp.corrupted_answer_id)
+        assert row.ld_patched == pytest.approx(ref, abs=1e-4)
+        assert row.damage == pytest.approx((res.ld_clean - ref) / (res.ld_clean - res.ld_corrupted), abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox", "qwen3_5"])
+def test_head_sweeps_match_hooks(tiny_model, family):
+    lm = tiny_model(family)
+    tp = tokenize_pair(lm.tokenizer, PAIR)
+    for positions in ("all", "each"):
+        res = head_sweep(lm, tp, positions, "denoise")
+        for row in res.frame.itertuples():
+            pos = None if positions == "all" else row.pos
+            ref = hook_patch_ld(lm, tp.clean_ids, tp.corrupted_ids, "head_out", row.layer, pos, row.head,
+                                tp.clean_answer_id, tp.corrupted_answer_id)
+            assert row.ld_patched == pytest.approx(ref, abs=1e-4)
+
+
+def test_identities(tiny_model):
+    lm = tiny_model("llama")
+    tp = tokenize_pair(lm.tokenizer, PAIR)
+    last_layer = lm.arch.n_layers - 1
+    res = patch_sweep(lm, tp, "resid_post", "last", "denoise", layers=[last_layer])
+    assert res.frame["recovery"].iloc[0] == pytest.approx(1.0, abs=1e-5)
+    res = patch_sweep(lm, tp, "resid_post", "last", "noise", layers=[last_layer])
+    assert res.frame["damage"].iloc[0] == pytest.approx(1.0, abs=1e-5)
+    lds = patched_logit_diffs(lm, tp, [()], "denoise")  # patching nothing
+    assert lds[0] == pytest.approx(res.ld_corrupted, abs=1e-6)
+    # All heads of a layer together equal the attention output of that layer (o_proj is linear).
+    heads = [(0, h) for h in range(lm.arch.n_heads)]
+    joint = head_set_patch(lm, tp, heads, "all")
+    attn = patch_sweep(lm, tp, "attn_out", "all", layers=[0])
+    assert joint.joint_effect == pytest.approx(attn.frame["recovery"].iloc[0], abs=1e-5)
+    assert joint.superadditivity == pytest.approx(joint.joint_effect - joint.singles.frame["recovery"].sum())
+
+
+def test_differing_positions_flagged_and_titles(tiny_model):
+    lm = tiny_model("llama")
+    tp = tokenize_pair(lm.tokenizer, PAIR)
+    res = patch_sweep(lm, tp, "mlp_out", "each")
+    assert set(res.frame.loc[res.frame["differs"], "pos"]) == {1}
+    assert "mlp_out" in res.title and "each position" in res.title and "denoise" in res.title and "recovery" in res.title
+    # Layer-0 residual at the differing position carries the whole input difference.
+    res0 = patch_sweep(lm, tp, "resid_pre", "each", layers=[0])
+    assert res0.frame.loc[res0.frame["pos"] == 1, "recovery"].iloc[0] == pytest.approx(1.0, abs=1e-5)
+    assert not res0.artefact_cells().empty
+
+
+def test_unequal_lengths_allow_last_position_only(tiny_model):
+    lm = tiny_model("llama")
+    tp = tokenize_pair(lm.tokenizer, PromptPair("w3 w7 w11 w5", "w3 w8 w5", "w4", "w6"))
+    with pytest.raises(ExplorerInputError, match="same number of tokens"):
+        patch_sweep(lm, tp, "resid_post", "each")
+    res = patch_sweep(lm, tp, "resid_post", "last", layers=[lm.arch.n_layers - 1])
+    ref = hook_patch_ld_last(lm, tp)
+    assert res.frame["ld_patched"].iloc[0] == pytest.approx(ref, abs=1e-4)
+
+
+def hook_patch_ld_last(lm, tp):
+    model = lm.torch_model
+    layer = lm.arch.n_layers - 1
+    with torch.no_grad():
+        out = {}
+        h = lm.sites.layer(model, layer).register_forward_hook(lambda m, a, o: out.__setitem__("x", o.clone()))
+        model(torch.tensor([tp.clean_ids]))
+        h.remove()
+
+        def post(m, a, o):
+            o = o.clone()
+            o[:, -1] = out["x"][:, -1]
+            return o
+        h = lm.sites.layer(model, layer).register_forward_hook(post)
+        logits = model(torch.tensor([tp.corrupted_ids])).logits[0, -1]
+        h.remove()
+    return float(logits[tp.clean_answer_id] - logits[tp.corrupted_answer_id])
+
+
+def test_bad_inputs(tiny_model):
+    lm = tiny_model("llama")
+    tp = tokenize_pair(lm.tokenizer, PAIR)
+    with pytest.raises(ExplorerInputError, match="Layer 9"):
+        patch_sweep(lm, tp, "resid_post", layers=[9])
+    with pytest.raises(ExplorerInputError, match="Unknown site"):
+        patch_sweep(lm, tp, "resid_middle")
+    with pytest.raises(ExplorerInputError, match="Head 7"):
+        patched_logit_diffs(lm, tp, [(Cell("head_out", 0, None, 7),)])
+    with pytest.raises(ExplorerInputError, match="denoise"):
+        patch_sweep(lm, tp, "resid_post", direction="sideways")
+
+
+def test_chunking_gives_same_numbers(tiny_model, monkeypatch):
+    import explorer.patching as patching
+    lm = tiny_model("llama")
+    tp = tokenize_pair(lm.tokenizer, PAIR)
+    full = patch_sweep(lm, tp, "resid_post", "each").frame["ld_patched"].to_numpy()
+    monkeypatch.setattr(patching, "TOKEN_BUDGET", 13)
+    chunked = patch_sweep(lm, tp, "resid_post", "each").frame["ld_patched"].to_numpy()
+    np.testing.assert_allclose(full, chunked, atol=1e-5)
