@@ -62,3 +62,40 @@ def get_activations(lm, token_ids, reads: list[tuple[str, int]], use_disk: bool 
 
 def clear_memory() -> None:
     _MEMORY.clear()
+    _RESULTS.clear()
+
+
+# ---- results: arrays of numbers computed from a pair and a spec, cached the same way ----
+_RESULTS: OrderedDict[str, "np.ndarray"] = OrderedDict()
+
+
+def result_key(lm, tp, spec, direction: str) -> str:
+    payload = json.dumps({"model": lm.identity, "clean": list(tp.clean_ids), "corrupted": list(tp.corrupted_ids),
+                          "answers": [tp.clean_answer_id, tp.corrupted_answer_id], "direction": direction,
+                          "spec": repr(spec)})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def load_result(key: str):
+    import numpy as np
+
+    if key in _RESULTS:
+        _RESULTS.move_to_end(key)
+        return _RESULTS[key].copy()
+    path = cache_dir() / "results" / f"{key}.npy"
+    if path.is_file():
+        arr = np.load(path, allow_pickle=False)
+        _RESULTS[key] = arr
+        return arr.copy()
+    return None
+
+
+def save_result(key: str, values) -> None:
+    import numpy as np
+
+    folder = cache_dir() / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / f"{key}.npy", np.asarray(values), allow_pickle=False)
+    _RESULTS[key] = np.asarray(values).copy()
+    while len(_RESULTS) > 256:
+        _RESULTS.popitem(last=False)

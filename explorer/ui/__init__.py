@@ -1,0 +1,1 @@
+"""Streamlit widgets, charts and session state. The only part of explorer/ that imports streamlit."""

@@ -1,0 +1,61 @@
+"""Altair chart builders. Each reads a tidy result frame and carries the result's title."""
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+DIVERGING = "redblue"
+
+
+def heatmap(frame: pd.DataFrame, x: str, y: str, value: str, title: str, x_labels: list[str] | None = None,
+            subtitle: str | None = None, select: bool = True, width: int | None = None) -> alt.Chart:
+    """Diverging heatmap centred at 0; exact values in tooltips; cells clickable when select=True."""
+    data = frame.copy()
+    x_title, y_title = x, y
+    if x_labels is not None:
+        data["x_label"] = [x_labels[int(i)] for i in data[x]]
+        x_field = alt.X("x_label:N", sort=list(dict.fromkeys(x_labels)), title=x_title,
+                        axis=alt.Axis(labelAngle=-60, labelLimit=160))
+    else:
+        x_field = alt.X(f"{x}:O", title=x_title)
+    limit = float(max(1e-9, data[value].abs().max()))
+    tooltips = [alt.Tooltip(c, format=".4f") if pd.api.types.is_float_dtype(data[c]) else c
+                for c in data.columns if c != "x_label"]
+    chart = alt.Chart(data).mark_rect(stroke="white", strokeWidth=0.5).encode(
+        x=x_field,
+        y=alt.Y(f"{y}:O", title=y_title, sort="descending"),
+        color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme=DIVERGING, domainMid=0, domain=[-limit, limit]),
+                        title=value),
+        tooltip=tooltips,
+    )
+    if "differs" in data:
+        # Outline cells whose input tokens differ: effects there may just be the swapped token.
+        marks = alt.Chart(data[data["differs"]]).mark_rect(fill=None, stroke="black", strokeWidth=2).encode(
+            x=x_field, y=alt.Y(f"{y}:O", sort="descending"))
+        chart = chart + marks
+    params = dict(title=alt.TitleParams(title, subtitle=subtitle or ""), height=max(160, 22 * data[y].nunique()))
+    if width:
+        params["width"] = width
+    if select:
+        point = alt.selection_point(name="cell", fields=[f for f in (y, x) if f in data], on="click")
+        if isinstance(chart, alt.LayerChart):
+            chart.layer[0] = chart.layer[0].add_params(point)
+        else:
+            chart = chart.add_params(point)
+    return chart.properties(**params)
+
+
+def bars(frame: pd.DataFrame, x: str, y: str, title: str, color: str | None = None, subtitle: str | None = None,
+         sort=None) -> alt.Chart:
+    enc = dict(x=alt.X(f"{x}:N", sort=sort, title=x), y=alt.Y(f"{y}:Q", title=y),
+               tooltip=[c for c in frame.columns])
+    if color:
+        enc["color"] = alt.Color(f"{color}:N")
+    return alt.Chart(frame).mark_bar().encode(**enc).properties(
+        title=alt.TitleParams(title, subtitle=subtitle or ""), height=260)
+
+
+def line(frame: pd.DataFrame, x: str, y: str, color: str, title: str, subtitle: str | None = None) -> alt.Chart:
+    return alt.Chart(frame).mark_line(point=True).encode(
+        x=alt.X(f"{x}:O"), y=alt.Y(f"{y}:Q"), color=alt.Color(f"{color}:N"),
+        tooltip=list(frame.columns)).properties(title=alt.TitleParams(title, subtitle=subtitle or ""), height=280)

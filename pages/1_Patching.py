@@ -1,0 +1,118 @@
+"""Activation patching: layer x position, components, heads, head sets; click to drill down."""
+import streamlit as st
+
+from explorer.errors import ExplorerInputError
+from explorer.patching import head_set_patch, head_sweep, linear_heads_note, parse_heads, patch_sweep
+from explorer.ui import charts, state, widgets
+
+st.set_page_config(page_title="Patching · Circuit Explorer", layout="wide")
+state.init()
+widgets.model_sidebar()
+st.title("Activation patching")
+lm = widgets.load_model_or_stop()
+tp = widgets.tokenized_pair_or_stop(lm)
+pair = state.current_pair()
+
+SITES = ["resid_post", "resid_pre", "attn_out", "mlp_out", "head_out"]
+POSITIONS = ["each", "last", "all"] if tp.same_length else ["last"]
+c1, c2, c3 = st.columns(3)
+site = c1.selectbox("Site", SITES, index=SITES.index(state.page_param("site", "resid_post", SITES)),
+                    help="resid_pre/resid_post: residual stream before/after the layer; attn_out/mlp_out: what "
+                         "the attention/MLP block writes; head_out: one head's output (input of the output projection).")
+positions = c2.selectbox("Positions", POSITIONS, index=POSITIONS.index(state.page_param("positions", POSITIONS[0], POSITIONS)),
+                         help="each: one patch per (layer, position); last: the final position only; all: every "
+                              "position at once (at layer 0 this swaps the differing input token itself).")
+direction = c3.selectbox("Direction", ["denoise", "noise"],
+                         index=["denoise", "noise"].index(state.page_param("direction", "denoise", ["denoise", "noise"])),
+                         help="denoise: clean activations into the corrupted run (recovery). noise: corrupted into clean (damage).")
+state.sync_url({"site": site, "positions": positions, "direction": direction})
+if not tp.same_length:
+    st.info("The prompts differ in token length, so only last-position patching is offered.")
+note = linear_heads_note(lm)
+if note and site == "head_out":
+    st.info(note)
+
+progress = widgets.progress_callback("Patching")
+try:
+    res = patch_sweep(lm, tp, site, positions, direction, progress=progress)
+except ExplorerInputError as exc:
+    state.show_error(exc)
+    st.stop()
+
+metric = res.metric
+st.caption(f"{res.formula} · LD_clean = {res.ld_clean:+.3f}, LD_corr = {res.ld_corrupted:+.3f}")
+artefacts = res.artefact_cells()
+if not artefacts.empty:
+    cells = ", ".join(f"L{int(r.layer)} pos {int(r.pos)}" for r in artefacts.head(6).itertuples())
+    st.warning(f"Large {metric} at positions where the clean and corrupted tokens differ ({cells}). "
+               "Patching there copies the swapped input token itself: it shows where the difference enters, "
+               "not where it is computed. Outlined cells in the heatmap mark these positions.")
+
+labels = tp.position_labels()
+frame = res.frame
+if site == "head_out":
+    if positions == "all":
+        chart = charts.heatmap(frame, "head", "layer", metric, res.title)
+    else:
+        frame = frame.groupby(["layer", "head"], as_index=False)[metric].apply(lambda s: s.abs().max())
+        chart = charts.heatmap(frame, "head", "layer", metric, res.title + " (max |value| over positions)")
+elif positions == "each":
+    chart = charts.heatmap(frame, "pos", "layer", metric, res.title, x_labels=labels,
+                           subtitle="Outlined: positions where the input tokens differ. Click a cell to drill down.")
+else:
+    chart = charts.heatmap(frame.assign(where=positions), "where", "layer", metric, res.title)
+event = st.altair_chart(chart, on_select="rerun", key="patch_chart")
+widgets.export_buttons(res.frame, f"patching_{site}_{positions}_{direction}",
+                       {"title": res.title, "formula": res.formula, "ld_clean": res.ld_clean,
+                        "ld_corrupted": res.ld_corrupted, "model": lm.describe()})
+
+# ---- drill down: a layer -> its heads; a head -> attention and DLA ----
+st.subheader("Drill down")
+clicked = (event.selection.get("cell") or [{}])[0] if event and getattr(event, "selection", None) else {}
+layers = list(range(lm.arch.n_layers))
+default_layer = int(clicked.get("layer", state.page_param("layer", -1)) or 0) if clicked or "layer" in st.query_params else None
+layer_pick = st.selectbox("Layer to open (or click a heatmap cell)", ["—"] + layers,
+                          index=0 if default_layer is None or default_layer not in layers else default_layer + 1,
+                          key="drill_layer")
+if layer_pick != "—":
+    layer = int(layer_pick)
+    head_positions = "each" if tp.same_length else "last"
+    try:
+        heads = head_sweep(lm, tp, head_positions, direction, [layer])
+    except ExplorerInputError as exc:
+        state.show_error(exc)
+        st.stop()
+    kind = lm.arch.layer_kind(layer).replace("_", " ")
+    st.altair_chart(charts.heatmap(heads.frame, "pos", "head", metric, f"Layer {layer} ({kind}): " + heads.title,
+                                   x_labels=labels, select=False))
+    best = heads.frame.loc[heads.frame[metric].abs().idxmax()]
+    st.markdown(f"Strongest head cell: **{best['head_label']}** at position {int(best['pos'])} "
+                f"({labels[int(best['pos'])]}), {metric} = {best[metric]:+.3f}.")
+    query = {"layer": layer, "head": int(best["head"]), "pos": int(best["pos"])}
+    c1, c2 = st.columns(2)
+    for col, page, text in ((c1, "pages/6_Attention.py", "Attention pattern"), (c2, "pages/4_DLA.py", "Direct logit attribution")):
+        try:
+            col.page_link(page, label=f"{text} of {best['head_label']} from position {int(best['pos'])}",
+                          query_params=query)
+        except Exception:  # page not present in this build
+            pass
+
+# ---- head sets: joint vs sum of singles ----
+st.subheader("Head set: joint effect vs sum of single-head effects")
+default_heads = state.page_param("heads", "")
+text = st.text_input("Heads (LAYER.HEAD, comma-separated)", value=default_heads, placeholder="e.g. 2.1, 3.4")
+if text:
+    try:
+        heads = parse_heads(text, lm.arch)
+        set_pos = "all" if tp.same_length else "last"
+        hs = head_set_patch(lm, tp, heads, set_pos, direction)
+    except ExplorerInputError as exc:
+        state.show_error(exc)
+    else:
+        state.sync_url({"heads": text})
+        st.dataframe(hs.singles.frame[["head_label", "ld_patched", metric]], hide_index=True)
+        c1, c2, c3 = st.columns(3)
+        c1.metric(f"Joint {metric}", f"{hs.joint_effect:.3f}")
+        c2.metric(f"Sum of single {metric}", f"{hs.sum_of_singles:.3f}")
+        c3.metric("Joint − sum (superadditivity)", f"{hs.superadditivity:+.3f}")
+        st.caption(f"{hs.singles.title}. Heads patched at {set_pos} positions, alone and together.")
