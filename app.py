@@ -7,11 +7,11 @@ from explorer.errors import ExplorerInputError
 from explorer.metrics import LD_FORMULA
 from explorer.ui import state, widgets
 
-st.set_page_config(page_title="Circuit Explorer", page_icon="🔬", layout="wide")
+st.set_page_config(page_title="Circuit Explorer", layout="wide")
 state.init()
 widgets.model_sidebar()
 
-st.title("🔬 Circuit Explorer")
+st.title("Circuit Explorer")
 st.caption("Activation patching, ablation, direct logit attribution, attention and logit lens on causal LMs, "
            "through nnsight. Everything below is computed live on the model chosen in the sidebar.")
 

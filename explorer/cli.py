@@ -63,15 +63,23 @@ def _pair(args, lm):
     return tokenize_pair(lm.tokenizer, PromptPair(args.clean, args.corrupted, args.clean_answer, args.corrupted_answer))
 
 
-def _progress_bar(total_label: str):
-    from tqdm import tqdm
-    bar = tqdm(total=100, desc=total_label, file=sys.stderr, leave=False)
+class _ProgressBar:
+    """A tqdm bar on stderr, opened on the first update so errors before any work stay one line."""
 
-    def update(fraction, text):
-        bar.n = int(fraction * 100)
-        bar.set_postfix_str(text)
-        bar.refresh()
-    return bar, update
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def __call__(self, fraction: float, text: str) -> None:
+        from tqdm import tqdm
+        if self.bar is None:
+            self.bar = tqdm(total=100, desc=self.label, file=sys.stderr, leave=False)
+        self.bar.n = int(fraction * 100)
+        self.bar.set_postfix_str(text)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_baseline(args) -> dict:
@@ -107,9 +115,9 @@ def cmd_patch(args) -> dict:
             print(res.singles.frame.to_string(index=False))
             print(f"joint {res.singles.metric} = {res.joint_effect:.4f}; sum of singles = {res.sum_of_singles:.4f}")
         return out
-    bar, update = _progress_bar("patching")
+    bar = _ProgressBar("patching")
     try:
-        res = patching.patch_sweep(lm, tp, args.site, args.positions, args.direction, layers, progress=update)
+        res = patching.patch_sweep(lm, tp, args.site, args.positions, args.direction, layers, progress=bar)
     finally:
         bar.close()
     out = {"model": lm.describe(), "title": res.title, "site": res.site, "positions": res.positions,

@@ -57,7 +57,8 @@ class LoadedModel:
 def _sha_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for f in files:
-        digest.update(f.name.encode())
+        if len(files) > 1:  # one file: the plain sha256, comparable with `sha256sum`
+            digest.update(f.name.encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
@@ -69,7 +70,7 @@ def weight_hash(folder: Path) -> str:
     files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not files:
         raise ExplorerInputError(f"{str(folder)!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}).")
-    stamp = json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    stamp = "v2" + json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
     memo_file = cache_dir() / "weight_hashes.json"
     try:
         memo = json.loads(memo_file.read_text())

@@ -1,6 +1,7 @@
 """Widgets shared by the pages: model picker, prompt editor, token table, progress, export."""
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -128,9 +129,18 @@ def token_table(tp) -> None:
     if not tp.same_length:
         st.warning(f"The prompts have different token lengths (clean {len(tp.clean_ids)}, corrupted "
                    f"{len(tp.corrupted_ids)}): only last-position patching is possible.")
-    styled = table.style.apply(
-        lambda row: ["background-color: #ffe3a3" if row["differs"] else "" for _ in row], axis=1)
-    st.dataframe(styled, hide_index=True, width="stretch", height=min(400, 36 + 35 * len(table)))
+    chips = []
+    for row in table.itertuples():
+        colour = "#ffe3a3" if row.differs else "#f0f2f6"
+        second = f"<br><span style='color:#b3261e'>{html.escape(row.corrupted_token)}</span>" if row.differs else ""
+        chips.append(f"<div style='background:{colour};border-radius:6px;padding:2px 6px;font-family:monospace;"
+                     f"font-size:0.85em;line-height:1.3'><span style='color:#888;font-size:0.75em'>{row.pos}</span><br>"
+                     f"{html.escape(row.clean_token)}{second}</div>")
+    st.markdown("<div style='display:flex;flex-wrap:wrap;gap:4px'>" + "".join(chips) + "</div>",
+                unsafe_allow_html=True)
+    st.caption("Top line: clean token; highlighted positions differ, with the corrupted token below in red.")
+    with st.expander("Token table"):
+        st.dataframe(table, hide_index=True, width="stretch")
 
 
 def progress_callback(label: str):

@@ -1,0 +1,71 @@
+"""Streamlit pages driven by AppTest on the bundled demo model."""
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from explorer.baseline import baseline
+from explorer.runtime import REPO_ROOT
+from explorer.ui.state import DEMO_PAIR
+
+TIMEOUT = 240
+
+
+def page(name: str, **query) -> AppTest:
+    at = AppTest.from_file(str(REPO_ROOT / name), default_timeout=TIMEOUT)
+    for k, v in query.items():
+        at.query_params[k] = v
+    return at.run()
+
+
+def test_home_opens_on_demo_with_baseline(demo_model):
+    at = page("app.py")
+    assert not at.exception
+    assert not at.error
+    metrics = {m.label: float(m.value) for m in at.metric}
+    ref = baseline(demo_model, DEMO_PAIR)
+    assert metrics["LD clean run"] == pytest.approx(ref.ld_clean, abs=1e-3)
+    assert metrics["LD corrupted run"] == pytest.approx(ref.ld_corrupted, abs=1e-3)
+    assert at.text_area(key="clean").value == DEMO_PAIR.clean
+    assert at.query_params["model"] == ["demo"] or at.query_params["model"] == "demo"
+
+
+def test_home_bad_input_shows_one_message(demo_model):
+    at = page("app.py")
+    at.text_input(key="clean_answer").set_value("Mango Peach").run()
+    assert not at.exception
+    assert len(at.error) == 1 and "2 tokens, not one" in at.error[0].value
+    at.text_input(key="clean_answer").set_value("Mango").run()
+    at.text_area(key="clean").set_value("").run()
+    assert not at.exception and "clean prompt is empty" in at.error[0].value
+
+
+def test_home_state_comes_from_the_url(demo_model):
+    at = page("app.py", clean="Man has three fruits , Pear , Plum and Kiwi - 1 Pear 1 Plum and 1",
+              corrupted="Man has three fruits , Pear , Plum and Kiwi - 1 Pear 1 Kiwi and 1",
+              clean_answer="Kiwi", corrupted_answer="Plum")
+    assert not at.exception and not at.error
+    assert at.text_input(key="clean_answer").value == "Kiwi"
+    assert float(at.metric[0].value) > 5
+
+
+def test_unknown_model_is_one_message():
+    at = page("app.py", model="/no/such/model")
+    assert not at.exception
+    assert len(at.error) == 1 and "does not exist" in at.error[0].value
+
+
+def test_patching_page_and_drill_down(demo_model):
+    at = page("pages/1_Patching.py")
+    assert not at.exception and not at.error
+    # The set-completion pair differs at one position: the layer-0 artefact warning is shown.
+    assert any("positions where the clean and corrupted tokens differ" in w.value for w in at.warning)
+    at.selectbox(key="drill_layer").set_value(2).run()
+    assert not at.exception
+    assert any("Strongest head cell" in m.value for m in at.markdown)
+
+
+def test_patching_page_head_set_and_url_settings(demo_model):
+    at = page("pages/1_Patching.py", site="head_out", positions="all", direction="noise", heads="2.0, 3.1")
+    assert not at.exception and not at.error
+    labels = [m.label for m in at.metric]
+    assert "Joint damage" in labels and "Joint − sum (superadditivity)" in labels
+    assert at.query_params["direction"] in ("noise", ["noise"])

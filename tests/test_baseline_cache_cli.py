@@ -1,0 +1,109 @@
+"""Baseline numbers, the activation cache and the CLI contract."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from explorer import cache
+from explorer.baseline import baseline
+from explorer.prompts import PromptPair, tokenize_pair
+from explorer.runtime import REPO_ROOT
+
+DEMO_PAIR = PromptPair("Then , Anna and Tom had fun at the park . Tom gave a key to",
+                       "Then , Anna and Tom had fun at the park . Anna gave a key to", "Anna", "Tom")
+
+
+def plain_transformers_ld(folder, pair):
+    from transformers import AutoModelForCausalLM
+    from explorer.models import load_tokenizer
+    tok = load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    a, b = tok.convert_tokens_to_ids(pair.clean_answer), tok.convert_tokens_to_ids(pair.corrupted_answer)
+    out = []
+    with torch.no_grad():
+        for text in (pair.clean, pair.corrupted):
+            logits = model(torch.tensor([tok(text)["input_ids"]])).logits[0, -1]
+            out.append(float(logits[a] - logits[b]))
+    return out
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "explorer", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_baseline_json_equals_plain_transformers():
+    from explorer.models import DEMO_MODEL_DIR
+    proc = run_cli("baseline", "--model", "demo", "--clean", DEMO_PAIR.clean, "--corrupted", DEMO_PAIR.corrupted,
+                   "--clean-answer", "Anna", "--corrupted-answer", "Tom", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    ref_clean, ref_corr = plain_transformers_ld(DEMO_MODEL_DIR, DEMO_PAIR)
+    assert out["ld_clean"] == pytest.approx(ref_clean, abs=1e-5)
+    assert out["ld_corrupted"] == pytest.approx(ref_corr, abs=1e-5)
+    assert len([r for r in out["top_tokens"] if r["run"] == "clean"]) == 10
+    assert out["top_tokens"][0]["token"] == "Anna"
+
+
+def test_baseline_probabilities(demo_model):
+    res = baseline(demo_model, DEMO_PAIR)
+    clean = res.answers[(res.answers["run"] == "clean") & (res.answers["answer"] == "clean_answer")].iloc[0]
+    assert 0.9 < clean["prob"] <= 1.0
+    assert res.ld_clean > 0 > res.ld_corrupted
+
+
+@pytest.mark.parametrize("args, message", [
+    (["baseline", "--clean", "", "--corrupted", "x", "--clean-answer", "Anna", "--corrupted-answer", "Tom"], "prompt is empty"),
+    (["baseline", "--clean", "a", "--corrupted", "b", "--clean-answer", "Anna Tom", "--corrupted-answer", "Tom"], "2 tokens, not one"),
+    (["baseline", "--model", "/nope/model", "--clean", "a", "--corrupted", "b", "--clean-answer", "Anna", "--corrupted-answer", "Tom"], "does not exist"),
+    (["patch", "--clean", "Anna and Tom", "--corrupted", "Anna Tom", "--clean-answer", "Anna", "--corrupted-answer", "Tom"], "same number of tokens"),
+    (["patch", "--clean", "Anna", "--corrupted", "Tom", "--clean-answer", "Anna", "--corrupted-answer", "Tom", "--layers", "7"], "Layer 7 is out of range"),
+    (["patch", "--clean", "Anna", "--corrupted", "Tom", "--clean-answer", "Anna", "--corrupted-answer", "Tom", "--heads", "1.99"], "Head 99"),
+    (["patch", "--clean", "Anna", "--corrupted", "Tom", "--clean-answer", "Anna", "--corrupted-answer", "Tom", "--site", "nope"], "Unknown site"),
+    (["baseline", "--clean", "a"], "required"),
+    ([], "Give a command"),
+])
+def test_cli_bad_input_exits_2_with_one_line(args, message, capsys):
+    from explorer.cli import main
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+
+
+def test_cli_bad_input_in_a_real_process():
+    proc = run_cli("patch", "--clean", "Anna and Tom", "--corrupted", "Anna Tom", "--clean-answer", "Anna",
+                   "--corrupted-answer", "Tom")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "same number of tokens" in proc.stderr
+
+
+def test_cli_patch_json_records():
+    proc = run_cli("patch", "--clean", DEMO_PAIR.clean, "--corrupted", DEMO_PAIR.corrupted, "--clean-answer", "Anna",
+                   "--corrupted-answer", "Tom", "--site", "head_out", "--positions", "all", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["records"]) == 4 * 8 and {"layer", "head", "recovery"} <= set(out["records"][0])
+    assert "head_out" in out["title"] and "denoise" in out["title"]
+
+
+def test_revisit_runs_no_forward_pass(demo_model):
+    tp = tokenize_pair(demo_model.tokenizer, DEMO_PAIR)
+    reads = [("resid_post", 1), ("head_out", 2)]
+    cache.clear_memory()
+    before = demo_model.forward_calls
+    logits, acts = cache.get_activations(demo_model, tp.clean_ids, reads)
+    first = demo_model.forward_calls
+    assert first in (before, before + 1)  # may already be on disk from an earlier test
+    logits2, acts2 = cache.get_activations(demo_model, tp.clean_ids, reads)  # memory hit
+    cache.clear_memory()
+    logits3, acts3 = cache.get_activations(demo_model, tp.clean_ids, reads)  # disk hit
+    assert demo_model.forward_calls == first
+    torch.testing.assert_close(acts[("head_out", 2)], acts3[("head_out", 2)])
+    torch.testing.assert_close(logits, logits3)
+    files = list((cache.cache_dir() / "activations").glob("*.safetensors"))
+    assert files and all(len(f.stem) == 64 for f in files)  # hashed names, no prompt text
+    # different sites -> a different key -> one new forward pass
+    cache.get_activations(demo_model, tp.clean_ids, [("mlp_out", 0)])
+    assert demo_model.forward_calls == first + 1
