@@ -60,7 +60,7 @@ FAMILIES = (
            final_norm="transformer.ln_f", unembed="lm_head", attn="attn", o_proj="attn.c_proj", mlp="mlp",
            norm_kind="layernorm"),
     Family("gpt_neox", ("gpt_neox",), layers="gpt_neox.layers", embed="gpt_neox.embed_in",
-           final_norm="gpt_neox.final_layer_norm", unembed="embed_out", attn="attention",
+           final_norm="gpt_neox.final_layer_norm", unembed="lm_head", attn="attention",
            o_proj="attention.dense", mlp="mlp", norm_kind="layernorm"),
     Family("llama", ("llama",), **_LLAMA_LIKE),
     Family("mistral", ("mistral",), **_LLAMA_LIKE),
