@@ -111,7 +111,8 @@ def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), rea
             logits = lm.nn.output.logits.save()
     lm.forward_calls += 1
     logits = logits if all_logits else logits[:, -1, :]
-    return logits.float(), {k: v for k, v in saved.items()}
+    # Half precision is widened for the metric; float64 (numerical checks) is kept as it is.
+    return (logits if logits.dtype == torch.float64 else logits.float()), dict(saved)
 
 
 def layer_kind_note(arch, layer: int) -> str:

@@ -143,6 +143,7 @@ def load_model(model: str = "demo", device: str = "auto", dtype: str = "float32"
         kwargs["device_map"] = device
     nn_model = TransformersModel(source, **kwargs)
     nn_model._module.eval()
+    nn_model._module.requires_grad_(False)  # interpretability never trains; gradients start at activations
     whash = weight_hash(folder) if folder else _hash_tensors(nn_model._module)
     return LoadedModel(nn=nn_model, tokenizer=tokenizer, arch=arch, model_id=model_id,
                        weight_hash=whash, dtype=dtype, device=device)

@@ -53,7 +53,7 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def pick_dtype(name: str) -> torch.dtype:
