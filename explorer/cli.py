@@ -32,6 +32,21 @@ def _pair_args(p):
     p.add_argument("--corrupted-answer", required=True)
 
 
+def _ablation_args(p):
+    p.add_argument("--targets", required=True, help="e.g. L3H1,2.0,attn2,mlp1,resid3")
+    p.add_argument("--method", default="zero", choices=["zero", "mean", "resample"])
+    p.add_argument("--positions", default="all", help="all, last, or comma-separated positions")
+
+
+def _positions_arg(text: str):
+    if text in ("all", "last"):
+        return text
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ExplorerInputError(f"--positions must be all, last or comma-separated integers, not {text!r}.") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m explorer", description="Circuit Explorer, headless.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -45,6 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default=None, help="a head set like 1.3,2.0: patched alone and together")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     p.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    p = sub.add_parser("ablate", help="ablate targets on the clean and the corrupted run")
+    _model_args(p), _pair_args(p)
+    _ablation_args(p)
+    p = sub.add_parser("attribute", help="attribution patching (first-order Taylor) for every site")
+    _model_args(p), _pair_args(p)
+    p.add_argument("--site", default="head_out", help="resid_pre|attn_out|mlp_out|head_out")
+    p.add_argument("--exact", action="store_true", help="also run exact patching and report Spearman rho")
+    p = sub.add_parser("dla", help="direct logit attribution at the last position")
+    _model_args(p), _pair_args(p)
+    p.add_argument("--run", default="clean", choices=["clean", "corrupted"])
+    p = sub.add_parser("lens", help="logit lens, both runs")
+    _model_args(p), _pair_args(p)
+    p = sub.add_parser("run", help="ablate targets over a prompt set and write a run card")
+    _model_args(p)
+    p.add_argument("--prompts", required=True, help="JSONL prompt set")
+    _ablation_args(p)
+    p.add_argument("--reference", default=None, help="held-out JSONL set for mean/resample (default: the set's clean prompts)")
+    p.add_argument("--n-random", type=int, default=10)
+    p.add_argument("--max-pairs", type=int, default=None)
+    p.add_argument("--min-mean-drop", type=float, default=1.0)
+    p.add_argument("--min-relative-drop", type=float, default=0.2)
+    p.add_argument("--min-specificity", type=float, default=3.0)
+    p.add_argument("--specificity-floor", type=float, default=0.1)
+    p.add_argument("--card", default=None, help="write the run card JSON here")
     p = sub.add_parser("models", help="list or prepare models")
     p.add_argument("action", choices=["list", "prepare"])
     p.add_argument("name", nargs="?")
@@ -131,6 +170,99 @@ def cmd_patch(args) -> dict:
     return out
 
 
+def _frame_records(frame) -> list[dict]:
+    return json.loads(frame.to_json(orient="records"))
+
+
+def cmd_ablate(args) -> dict:
+    from explorer.ablation import Reference, ablate_pair, parse_targets
+    from explorer.prompts import load_prompt_set
+    lm = _load(args)
+    tp = _pair(args, lm)
+    targets = parse_targets(args.targets, lm.arch)
+    reference = None
+    if args.method != "zero":
+        raise ExplorerInputError("mean and resample need a reference set: use `python -m explorer run --prompts ...`.")
+    res = ablate_pair(lm, tp, targets, args.method, _positions_arg(args.positions), reference)
+    if not args.json:
+        print(res.title)
+        print(res.shift_formula)
+        print(res.frame.to_string(index=False))
+    return {"model": lm.describe(), "title": res.title, "formula": res.shift_formula, "records": _frame_records(res.frame)}
+
+
+def cmd_attribute(args) -> dict:
+    from explorer.attribution import attribution_patching, compare_with_exact, spearman
+    lm = _load(args)
+    tp = _pair(args, lm)
+    res = attribution_patching(lm, tp)
+    if args.site not in ("resid_pre", "attn_out", "mlp_out", "head_out"):
+        raise ExplorerInputError("--site must be resid_pre, attn_out, mlp_out or head_out.")
+    table = res.table(args.site, per_position=args.site != "head_out")
+    out = {"model": lm.describe(), "formula": res.formula, "site": args.site, "records": _frame_records(table)}
+    if args.exact:
+        merged = compare_with_exact(lm, tp, res, args.site)
+        out["spearman"] = spearman(merged["estimate"], merged["exact"])
+        out["records"] = _frame_records(merged)
+    if not args.json:
+        print(res.formula)
+        print((merged if args.exact else table).to_string(index=False))
+        if args.exact:
+            print(f"Spearman rho (estimate vs exact) = {out['spearman']:.3f}")
+    return out
+
+
+def cmd_dla(args) -> dict:
+    from explorer.dla import dla
+    lm = _load(args)
+    res = dla(lm, _pair(args, lm), args.run)
+    if not args.json:
+        print(res.title)
+        print(res.formula)
+        print(res.frame.to_string(index=False))
+        print(f"true LD {res.ld_true:+.5f}, sum of components {res.ld_sum:+.5f}, error {res.error:+.2e}")
+    return {"model": lm.describe(), "title": res.title, "formula": res.formula, "ld_true": res.ld_true,
+            "ld_sum": res.ld_sum, "error": res.error, "records": _frame_records(res.frame)}
+
+
+def cmd_lens(args) -> dict:
+    from explorer.lens import logit_lens
+    lm = _load(args)
+    res = logit_lens(lm, _pair(args, lm))
+    if not args.json:
+        print(res.title)
+        print(res.frame.to_string(index=False))
+    return {"model": lm.describe(), "title": res.title, "formula": res.formula, "records": _frame_records(res.frame)}
+
+
+def cmd_run(args) -> dict:
+    from explorer.ablation import Thresholds, ablate_set, parse_targets, save_run_card
+    from explorer.prompts import load_prompt_set
+    lm = _load(args)
+    ps = load_prompt_set(args.prompts)
+    for err in ps.errors:
+        print(f"warning: {args.prompts} {err}", file=sys.stderr)
+    pairs = ps.by_category("headline")[: args.max_pairs] + ps.by_category("control")
+    reference = load_prompt_set(args.reference).by_category("headline") if args.reference else None
+    th = Thresholds(args.min_mean_drop, args.min_relative_drop, args.min_specificity, args.specificity_floor)
+    bar = _ProgressBar("prompt set")
+    try:
+        res = ablate_set(lm, pairs, parse_targets(args.targets, lm.arch), args.method, _positions_arg(args.positions),
+                         reference, th, n_random=args.n_random, progress=bar)
+    finally:
+        bar.close()
+    card = res.run_card(lm, ps.path, ps.sha256)
+    if args.card:
+        save_run_card(card, args.card)
+    if not args.json:
+        for k, v in res.metrics.items():
+            print(f"{k:40s} {v}")
+        print(f"status: {res.status}")
+        for w in res.warnings:
+            print(f"warning: {w}")
+    return card
+
+
 def cmd_models(args) -> dict:
     if args.action == "list":
         from explorer.models import known_models
@@ -148,7 +280,8 @@ def cmd_models(args) -> dict:
     return {"prepared": "smollm2", "folder": str(folder)}
 
 
-COMMANDS = {"baseline": cmd_baseline, "patch": cmd_patch, "models": cmd_models}
+COMMANDS = {"baseline": cmd_baseline, "patch": cmd_patch, "ablate": cmd_ablate, "attribute": cmd_attribute,
+            "dla": cmd_dla, "lens": cmd_lens, "run": cmd_run, "models": cmd_models}
 
 
 def main(argv=None) -> int:

@@ -91,11 +91,7 @@ if layer_pick != "—":
     query = {"layer": layer, "head": int(best["head"]), "pos": int(best["pos"])}
     c1, c2 = st.columns(2)
     for col, page, text in ((c1, "pages/6_Attention.py", "Attention pattern"), (c2, "pages/4_DLA.py", "Direct logit attribution")):
-        try:
-            col.page_link(page, label=f"{text} of {best['head_label']} from position {int(best['pos'])}",
-                          query_params=query)
-        except Exception:  # page not present in this build
-            pass
+        col.page_link(page, label=f"{text} of {best['head_label']} from position {int(best['pos'])}", query_params=query)
 
 # ---- head sets: joint vs sum of singles ----
 st.subheader("Head set: joint effect vs sum of single-head effects")

@@ -10,9 +10,12 @@ TIMEOUT = 240
 
 
 def page(name: str, **query) -> AppTest:
-    at = AppTest.from_file(str(REPO_ROOT / name), default_timeout=TIMEOUT)
+    """Open `name` the way a user does: through the app's entry point, so page links resolve."""
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=TIMEOUT)
     for k, v in query.items():
         at.query_params[k] = v
+    if name != "app.py":
+        at.switch_page(name)
     return at.run()
 
 
@@ -69,3 +72,47 @@ def test_patching_page_head_set_and_url_settings(demo_model):
     labels = [m.label for m in at.metric]
     assert "Joint damage" in labels and "Joint − sum (superadditivity)" in labels
     assert at.query_params["direction"] in ("noise", ["noise"])
+
+
+@pytest.mark.parametrize("name, query", [
+    ("pages/2_Ablation.py", {"targets": "L1 attn, 2.3", "method": "zero"}),
+    ("pages/2_Ablation.py", {"targets": "L1 attn", "method": "mean"}),
+    ("pages/3_Attribution.py", {}),
+    ("pages/4_DLA.py", {"layer": "2", "head": "1"}),
+    ("pages/4_DLA.py", {"run": "corrupted"}),
+    ("pages/5_Logit_lens.py", {}),
+    ("pages/6_Attention.py", {"layer": "1", "head": "2", "pos": "12"}),
+    ("pages/7_Weights.py", {"layer": "3", "head": "0"}),
+])
+def test_analysis_pages_render(demo_model, name, query):
+    at = page(name, **query)
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_ablation_page_shows_both_runs_against_own_baselines(demo_model):
+    from explorer.ablation import ablate_pair, parse_targets
+    from explorer.prompts import tokenize_pair
+    at = page("pages/2_Ablation.py", targets="L1 attn", method="zero")
+    text = " ".join(m.value for m in at.markdown)
+    res = ablate_pair(demo_model, tokenize_pair(demo_model.tokenizer, DEMO_PAIR), parse_targets("L1 attn", demo_model.arch))
+    corr = res.frame[res.frame.run == "corrupted"].iloc[0]
+    assert f"corrupted run shifts by {corr['shift']:+.2f} from its own baseline" in text
+
+
+def test_ablation_page_prompt_set_run(demo_model):
+    at = page("pages/2_Ablation.py", targets="L1 attn", method="zero")
+    form_numbers = at.number_input
+    form_numbers[0].set_value(2)  # random sets
+    form_numbers[1].set_value(20)  # headline pairs
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert any(m.label == "Specificity" for m in at.metric)
+    assert any("Status:" in m.value for m in at.markdown)
+
+
+def test_pages_refuse_bad_input_with_one_message(demo_model):
+    at = page("pages/2_Ablation.py", targets="L9H0")
+    assert not at.exception and len(at.error) == 1 and "Layer 9" in at.error[0].value
+    at = page("pages/6_Attention.py", heads="1.99")
+    assert not at.exception and len(at.error) == 1 and "Head 99" in at.error[0].value

@@ -107,3 +107,40 @@ def test_revisit_runs_no_forward_pass(demo_model):
     # different sites -> a different key -> one new forward pass
     cache.get_activations(demo_model, tp.clean_ids, [("mlp_out", 0)])
     assert demo_model.forward_calls == first + 1
+
+
+def _pair_args():
+    return ["--clean", DEMO_PAIR.clean, "--corrupted", DEMO_PAIR.corrupted, "--clean-answer", "Anna",
+            "--corrupted-answer", "Tom", "--json"]
+
+
+def test_cli_analysis_commands(capsys, tmp_path):
+    from explorer.cli import main
+    assert main(["dla", *_pair_args()]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert abs(out["error"]) < 1e-4 * abs(out["ld_true"])
+    assert main(["lens", *_pair_args()]) == 0
+    lens = json.loads(capsys.readouterr().out)
+    assert {r["run"] for r in lens["records"]} == {"clean", "corrupted"}
+    assert main(["ablate", *_pair_args(), "--targets", "L1H2,mlp0"]) == 0
+    abl = json.loads(capsys.readouterr().out)["records"]
+    for r in abl:
+        assert r["shift"] == pytest.approx(r["ld_ablated"] - r["ld_run"], abs=1e-5)
+    assert main(["attribute", *_pair_args(), "--site", "mlp_out", "--exact"]) == 0
+    assert -1 <= json.loads(capsys.readouterr().out)["spearman"] <= 1
+    card_path = tmp_path / "card.json"
+    assert main(["run", "--prompts", str(REPO_ROOT / "prompts" / "demo_induction.jsonl"), "--targets", "L2 attn",
+                 "--max-pairs", "20", "--n-random", "2", "--card", str(card_path), "--json"]) == 0
+    card = json.loads(card_path.read_text())
+    assert card["status"] in ("pass", "pass_with_warnings", "fail")
+    assert {"tool_version", "model", "dataset", "parameters", "metrics", "thresholds", "warnings", "timestamp"} <= set(card)
+    assert card["dataset"]["sha256"] and card["model"]["weight_sha256"]
+
+
+def test_cli_run_reports_malformed_file(tmp_path, capsys):
+    from explorer.cli import main
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{broken\n")
+    assert main(["run", "--prompts", str(bad), "--targets", "L1 attn"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 1" in err[0]

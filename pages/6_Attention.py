@@ -1,0 +1,36 @@
+"""Attention patterns of chosen heads from a chosen query position (default: where patching found the effect)."""
+import altair as alt
+import streamlit as st
+
+from explorer.attention import attention_from
+from explorer.errors import ExplorerInputError
+from explorer.patching import parse_heads
+from explorer.ui import state, widgets
+
+st.set_page_config(page_title="Attention · Circuit Explorer", layout="wide")
+state.init()
+widgets.model_sidebar()
+st.title("Attention patterns")
+lm = widgets.load_model_or_stop()
+tp = widgets.tokenized_pair_or_stop(lm)
+default_heads = f"{state.page_param('layer', lm.arch.n_layers - 1)}.{state.page_param('head', 0)}"
+text = st.text_input("Heads (LAYER.HEAD, comma-separated)", value=state.page_param("heads", default_heads))
+n = len(tp.clean_ids)
+default_pos = int(state.page_param("pos", n - 1))
+query = st.slider("Query position", 0, n - 1, min(max(default_pos, 0), n - 1),
+                  help="Opened from the patching page, this is where that head's patching effect was largest.")
+st.caption(f"Query token: {tp.position_labels()[query]}. Patching effects at other positions are not explained by the "
+           "last position's attention: check the patching view for where this head matters.")
+state.sync_url({"heads": text, "pos": query})
+try:
+    res = attention_from(lm, tp, parse_heads(text, lm.arch), query)
+except ExplorerInputError as exc:
+    state.show_error(exc)
+    st.stop()
+chart = alt.Chart(res.frame).mark_bar().encode(
+    x=alt.X("key_token:N", sort=None, title="key position:token (clean run tokens)", axis=alt.Axis(labelAngle=-60)),
+    y=alt.Y("weight:Q", title="attention weight"), color="run:N", xOffset="run:N",
+    row=alt.Row("head_label:N", title=None), tooltip=list(res.frame.columns),
+).properties(width=900, height=180, title=res.title)
+st.altair_chart(chart)
+st.dataframe(res.frame, hide_index=True)
