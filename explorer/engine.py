@@ -57,11 +57,15 @@ def _write(x: torch.Tensor, iv: Intervention, n_heads: int) -> None:
 
 
 def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), reads: list[tuple[str, int]] = (),
-        all_logits: bool = False) -> tuple[torch.Tensor, dict]:
+        all_logits: bool = False, skip_layers: int = 0, skip_value: torch.Tensor | None = None,
+        past_key_values=None) -> tuple[torch.Tensor, dict]:
     """One traced forward pass. Returns (logits [batch, vocab] at the last position, reads).
 
     reads maps (site, layer) -> tensor [batch, pos, ...]; head_out is [batch, pos, head, d_head],
     attn_pattern is [batch, head, query, key]. With all_logits the logits are [batch, pos, vocab].
+    skip_layers > 0 skips layers 0..skip_layers-1, feeding `skip_value` [batch, pos, d_model] to
+    layer skip_layers as its input (work a patch cannot change). past_key_values: a cache of
+    earlier positions, so input_ids hold only the later positions.
     """
     arch, sites = lm.arch, lm.sites
     for site, layer in reads:
@@ -81,9 +85,14 @@ def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), rea
         steps[key] = (s, l, ivs, True)
     input_ids = input_ids.to(lm.device)
     saved = {}
+    kwargs = {} if all_logits else {"logits_to_keep": 1}
+    if past_key_values is not None:
+        kwargs["past_key_values"] = past_key_values
     with lm.lock, torch.no_grad():
-        with lm.nn.trace(input_ids, **({} if all_logits else {"logits_to_keep": 1})):
+        with lm.nn.trace(input_ids, **kwargs):
             root = lm.nn
+            for layer in range(skip_layers):
+                sites.layer(root, layer).skip(skip_value)
             for key in sorted(steps):
                 site, layer, ivs, read = steps[key]
                 n_heads = arch.heads_in(layer)

@@ -121,8 +121,88 @@ def _interventions(patches: list[Patch], source: dict, source_len: int, target_l
     return out
 
 
+# Fast path for sweeps of single cells at one position each. A patch at (layer l, position p)
+# cannot change layers before l or positions before p, so rows patched at layers [r, r+LAYER_BLOCK)
+# and positions [p0, p0+POS_CHUNK) share one pass that skips layers < r (fed the cached target
+# residual) and reuses the target run's keys/values for positions < p0. Logits: last position only.
+LAYER_BLOCK = 3
+POS_CHUNK = 3
+_KV_MEMO: dict = {}
+
+
+def _fast_path_ok(lm, patches: list[Patch]) -> bool:
+    return all(len(p) == 1 and p[0].pos is not None for p in patches)
+
+
+def _target_kv(lm, ids: tuple):
+    """The target run's key/value cache (memoised per model and prompt)."""
+    key = (lm.identity, ids)
+    if key not in _KV_MEMO:
+        with lm.lock, torch.no_grad():
+            with lm.nn.trace(torch.tensor([list(ids)], device=lm.device), use_cache=True, logits_to_keep=1):
+                out = lm.nn.output.save()
+        lm.forward_calls += 1
+        _KV_MEMO.clear()  # one prompt's cache at a time is enough for a sweep
+        _KV_MEMO[key] = out.past_key_values
+    return _KV_MEMO[key]
+
+
+def _prefix_cache(full, p0: int, rows: int):
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    for index, layer in enumerate(full.layers):
+        cache.update(layer.keys[:, :, :p0].expand(rows, -1, -1, -1).contiguous(),
+                     layer.values[:, :, :p0].expand(rows, -1, -1, -1).contiguous(), index)
+    return cache
+
+
+def _fast_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progress=None) -> np.ndarray:
+    src_ids, tgt_ids = (tp.clean_ids, tp.corrupted_ids) if direction == "denoise" else (tp.corrupted_ids, tp.clean_ids)
+    n_layers, n_tgt, n_src = lm.arch.n_layers, len(tgt_ids), len(src_ids)
+    cells = [p[0] for p in patches]
+    tgt_pos = [n_tgt - 1 if c.pos == LAST else c.pos for c in cells]
+    src_pos = [n_src - 1 if c.pos == LAST else c.pos for c in cells]
+    _, source = get_activations(lm, src_ids, sorted({(c.site, c.layer) for c in cells}))
+    _, target = get_activations(lm, tgt_ids, [("resid_post", l) for l in range(n_layers)])
+    reuse_prefix = all(info.kind != LINEAR for info in lm.arch.layers_info)  # recurrent state has no per-position cache
+    full_kv = _target_kv(lm, tgt_ids) if reuse_prefix else None
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, cell in enumerate(cells):
+        start = (cell.layer // LAYER_BLOCK) * LAYER_BLOCK
+        p0 = (tgt_pos[i] // POS_CHUNK) * POS_CHUNK if reuse_prefix else 0
+        groups.setdefault((start, p0), []).append(i)
+    out = np.empty(len(patches))
+    done = 0
+    target_ids = torch.tensor([list(tgt_ids)])
+    for (start, p0), idx in sorted(groups.items()):
+        rows = len(idx)
+        by_kind: dict = {}
+        for row, i in enumerate(idx):
+            cell = cells[i]
+            g = by_kind.setdefault((cell.site, cell.layer, cell.head is not None), ([], [], [], []))
+            act = source[(cell.site, cell.layer)][src_pos[i]]
+            g[0].append(row)
+            g[1].append(tgt_pos[i] - p0)
+            g[2].append(cell.head)
+            g[3].append(act if cell.head is None else act[cell.head])
+        ivs = [engine.Intervention(site, layer, torch.tensor(g[0]), torch.tensor(g[1]), torch.stack(g[3]),
+                                   torch.tensor(g[2]) if has_head else None)
+               for (site, layer, has_head), g in by_kind.items()]
+        skip_value = None
+        if start > 0:  # a fresh copy: patches at resid_pre[start] write into it in place
+            skip_value = target[("resid_post", start - 1)][p0:].unsqueeze(0).expand(rows, -1, -1).clone()
+        cache = _prefix_cache(full_kv, p0, rows) if p0 > 0 else None
+        logits, _ = engine.run(lm, target_ids[:, p0:].expand(rows, -1), ivs, skip_layers=start,
+                               skip_value=skip_value, past_key_values=cache)
+        out[idx] = (logits[:, tp.clean_answer_id] - logits[:, tp.corrupted_answer_id]).cpu().numpy()
+        done += rows
+        if progress:
+            progress(done / len(patches), f"{done}/{len(patches)} patches")
+    return out
+
+
 def patched_logit_diffs(lm, tp: TokenizedPair, patches: list[Patch], direction: str = "denoise",
-                        progress: Callable[[float, str], None] | None = None) -> np.ndarray:
+                        progress: Callable[[float, str], None] | None = None, fast: bool = True) -> np.ndarray:
     """LD of the target run with each patch applied; one value per patch."""
     _check_direction(direction)
     _validate(lm, tp, patches)
@@ -132,6 +212,10 @@ def patched_logit_diffs(lm, tp: TokenizedPair, patches: list[Patch], direction: 
         if progress:
             progress(1.0, f"{len(patches)} patches (cached)")
         return hit
+    if fast and _fast_path_ok(lm, patches):
+        out = _fast_lds(lm, tp, patches, direction, progress)
+        save_result(key, out)
+        return out
     src_ids, tgt_ids = (tp.clean_ids, tp.corrupted_ids) if direction == "denoise" else (tp.corrupted_ids, tp.clean_ids)
     reads = sorted({(c.site, c.layer) for p in patches for c in p})
     _, source = get_activations(lm, src_ids, reads)

@@ -174,3 +174,24 @@ def test_chunking_gives_same_numbers(tiny_model, monkeypatch):
     monkeypatch.setattr(patching, "TOKEN_BUDGET", 13)
     chunked = patch_sweep(lm, tp, "resid_post", "each").frame["ld_patched"].to_numpy()
     np.testing.assert_allclose(full, chunked, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2", "qwen3_5"])
+def test_fast_path_equals_full_batched_path(tiny_model, family, monkeypatch):
+    """Layer skipping and key/value prefix reuse change no number (small blocks: many groups)."""
+    import explorer.patching as patching
+    monkeypatch.setattr(patching, "LAYER_BLOCK", 1)
+    monkeypatch.setattr(patching, "POS_CHUNK", 2)
+    lm = tiny_model(family)
+    tp = tokenize_pair(lm.tokenizer, PAIR)
+    patches = [(Cell(site, l, p),) for site in ("resid_pre", "resid_post", "attn_out", "mlp_out")
+               for l in range(lm.arch.n_layers) for p in range(tp.n_pos)]
+    patches += [(Cell("head_out", l, p, h),) for l in range(lm.arch.n_layers) for p in (1, 5) for h in (0, 1)]
+    patches += [(Cell("resid_pre", 1, LAST),), (Cell("head_out", 0, LAST, 2),)]
+    fast = patching.patched_logit_diffs(lm, tp, patches, "noise", fast=True)
+    from explorer import cache
+    cache.clear_memory()
+    import shutil
+    shutil.rmtree(cache.cache_dir() / "results", ignore_errors=True)
+    slow = patching.patched_logit_diffs(lm, tp, patches, "noise", fast=False)
+    np.testing.assert_allclose(fast, slow, atol=2e-5)
