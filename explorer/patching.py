@@ -125,13 +125,38 @@ def _interventions(patches: list[Patch], source: dict, source_len: int, target_l
 # cannot change layers before l or positions before p, so rows patched at layers [r, r+LAYER_BLOCK)
 # and positions [p0, p0+POS_CHUNK) share one pass that skips layers < r (fed the cached target
 # residual) and reuses the target run's keys/values for positions < p0. Logits: last position only.
-LAYER_BLOCK = 3
-POS_CHUNK = 3
+LAYER_BLOCK = None  # None: chosen per sweep by _choose_blocks; an int forces a block size (tests)
+POS_CHUNK = None
+TRACE_OVERHEAD_S = 0.006  # fixed cost of one traced pass on CPU (measured: 5-10 ms)
+FLOPS_PER_S = 4e10  # one CPU thread, fp32 matmuls
 _KV_MEMO: dict = {}
 
 
 def _fast_path_ok(lm, patches: list[Patch]) -> bool:
-    return all(len(p) == 1 and p[0].pos is not None for p in patches)
+    return all(len(p) == 1 for p in patches)
+
+
+def _choose_blocks(lm, cells_lp: list[tuple[int, int]], n_pos: int) -> tuple[int, int]:
+    """Pick (layer block, position chunk) minimising a simple cost model: a fixed cost per
+    traced pass plus FLOPs for the rows x positions x layers it runs, with small batches
+    (fewer than ~64 token rows per matmul) charged extra for their poor efficiency."""
+    if LAYER_BLOCK and POS_CHUNK:
+        return LAYER_BLOCK, POS_CHUNK
+    n_layers = lm.arch.n_layers
+    per_token_layer = 2 * sum(p.numel() for p in lm.sites.layer(lm.torch_model, 0).parameters()) / FLOPS_PER_S
+    best = None
+    for lb in sorted({1, 2, 3, 4, 6, 8, n_layers}):
+        for pc in sorted({1, 2, 3, 4, 6, 8, n_pos}):
+            groups: dict = {}
+            for layer, pos in cells_lp:
+                groups.setdefault((layer // lb * lb, pos // pc * pc), []).append(1)
+            cost = 0.0
+            for (start, p0), members in groups.items():
+                tokens = len(members) * (n_pos - p0)
+                cost += TRACE_OVERHEAD_S + per_token_layer * tokens * (n_layers - start) * (1 + 64 / tokens)
+            if best is None or cost < best[0]:
+                best = (cost, lb, pc)
+    return best[1], best[2]
 
 
 def _target_kv(lm, ids: tuple):
@@ -160,17 +185,17 @@ def _fast_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progr
     src_ids, tgt_ids = (tp.clean_ids, tp.corrupted_ids) if direction == "denoise" else (tp.corrupted_ids, tp.clean_ids)
     n_layers, n_tgt, n_src = lm.arch.n_layers, len(tgt_ids), len(src_ids)
     cells = [p[0] for p in patches]
-    tgt_pos = [n_tgt - 1 if c.pos == LAST else c.pos for c in cells]
+    tgt_pos = [n_tgt - 1 if c.pos == LAST else c.pos for c in cells]  # None: all positions
     src_pos = [n_src - 1 if c.pos == LAST else c.pos for c in cells]
     _, source = get_activations(lm, src_ids, sorted({(c.site, c.layer) for c in cells}))
     _, target = get_activations(lm, tgt_ids, [("resid_post", l) for l in range(n_layers)])
     reuse_prefix = all(info.kind != LINEAR for info in lm.arch.layers_info)  # recurrent state has no per-position cache
     full_kv = _target_kv(lm, tgt_ids) if reuse_prefix else None
+    first = [0 if p is None or not reuse_prefix else p for p in tgt_pos]  # first position a patch can change
+    layer_block, pos_chunk = _choose_blocks(lm, [(c.layer, f) for c, f in zip(cells, first)], n_tgt)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, cell in enumerate(cells):
-        start = (cell.layer // LAYER_BLOCK) * LAYER_BLOCK
-        p0 = (tgt_pos[i] // POS_CHUNK) * POS_CHUNK if reuse_prefix else 0
-        groups.setdefault((start, p0), []).append(i)
+        groups.setdefault((cell.layer // layer_block * layer_block, first[i] // pos_chunk * pos_chunk), []).append(i)
     out = np.empty(len(patches))
     done = 0
     target_ids = torch.tensor([list(tgt_ids)])
@@ -179,15 +204,17 @@ def _fast_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progr
         by_kind: dict = {}
         for row, i in enumerate(idx):
             cell = cells[i]
-            g = by_kind.setdefault((cell.site, cell.layer, cell.head is not None), ([], [], [], []))
-            act = source[(cell.site, cell.layer)][src_pos[i]]
+            every = tgt_pos[i] is None
+            g = by_kind.setdefault((cell.site, cell.layer, cell.head is not None, every), ([], [], [], []))
+            act = source[(cell.site, cell.layer)]  # [pos, ...]
+            act = act[p0:] if every else act[src_pos[i]]
             g[0].append(row)
-            g[1].append(tgt_pos[i] - p0)
+            g[1].append(None if every else tgt_pos[i] - p0)
             g[2].append(cell.head)
-            g[3].append(act if cell.head is None else act[cell.head])
-        ivs = [engine.Intervention(site, layer, torch.tensor(g[0]), torch.tensor(g[1]), torch.stack(g[3]),
-                                   torch.tensor(g[2]) if has_head else None)
-               for (site, layer, has_head), g in by_kind.items()]
+            g[3].append(act if cell.head is None else act[..., cell.head, :])
+        ivs = [engine.Intervention(site, layer, torch.tensor(g[0]), None if every else torch.tensor(g[1]),
+                                   torch.stack(g[3]), torch.tensor(g[2]) if has_head else None)
+               for (site, layer, has_head, every), g in by_kind.items()]
         skip_value = None
         if start > 0:  # a fresh copy: patches at resid_pre[start] write into it in place
             skip_value = target[("resid_post", start - 1)][p0:].unsqueeze(0).expand(rows, -1, -1).clone()

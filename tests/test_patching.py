@@ -188,6 +188,8 @@ def test_fast_path_equals_full_batched_path(tiny_model, family, monkeypatch):
                for l in range(lm.arch.n_layers) for p in range(tp.n_pos)]
     patches += [(Cell("head_out", l, p, h),) for l in range(lm.arch.n_layers) for p in (1, 5) for h in (0, 1)]
     patches += [(Cell("resid_pre", 1, LAST),), (Cell("head_out", 0, LAST, 2),)]
+    patches += [(Cell("head_out", l, None, h),) for l in range(lm.arch.n_layers) for h in (0, 3)]
+    patches += [(Cell("mlp_out", l, None),) for l in range(lm.arch.n_layers)]
     fast = patching.patched_logit_diffs(lm, tp, patches, "noise", fast=True)
     from explorer import cache
     cache.clear_memory()
