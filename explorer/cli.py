@@ -239,7 +239,8 @@ def cmd_run(args) -> dict:
     from explorer.ablation import Thresholds, ablate_set, parse_targets, save_run_card
     from explorer.prompts import load_prompt_set
     lm = _load(args)
-    ps = load_prompt_set(args.prompts)
+    from explorer.prompts import check_for_tokenizer
+    ps = check_for_tokenizer(load_prompt_set(args.prompts), lm.tokenizer)
     for err in ps.errors:
         print(f"warning: {args.prompts} {err}", file=sys.stderr)
     pairs = ps.by_category("headline")[: args.max_pairs] + ps.by_category("control")

@@ -154,6 +154,19 @@ class PromptSet:
         return sorted({p.task for p in self.pairs})
 
 
+def check_for_tokenizer(prompt_set: PromptSet, tokenizer) -> PromptSet:
+    """Keep the pairs whose answers are single tokens for this model; report the others by id."""
+    ok, errors = [], list(prompt_set.errors)
+    for pair in prompt_set.pairs:
+        try:
+            tokenize_pair(tokenizer, pair)
+        except ExplorerInputError as exc:
+            errors.append(f"pair {pair.id}: {exc}")
+            continue
+        ok.append(pair)
+    return PromptSet(pairs=ok, errors=errors, path=prompt_set.path, sha256=prompt_set.sha256)
+
+
 def parse_pair(record: object, default_id: str) -> PromptPair:
     if not isinstance(record, dict):
         raise ExplorerInputError("expected a JSON object")

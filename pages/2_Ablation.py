@@ -8,7 +8,7 @@ import streamlit as st
 from explorer.ablation import METHODS, Reference, Thresholds, ablate_pair, ablate_set, parse_targets
 from explorer.errors import ExplorerInputError
 from explorer.metrics import RELATIVE_DROP_FORMULA, SHIFT_FORMULA
-from explorer.prompts import load_prompt_set
+from explorer.prompts import check_for_tokenizer, load_prompt_set
 from explorer.ui import state, widgets
 
 st.set_page_config(page_title="Ablation · Circuit Explorer", layout="wide")
@@ -74,7 +74,9 @@ with st.form("set_ablation"):
     go = st.form_submit_button("Run on prompt set")
 if go:
     try:
-        ps = load_prompt_set(widgets.PROMPTS_DIR / set_name)
+        ps = check_for_tokenizer(load_prompt_set(widgets.PROMPTS_DIR / set_name), lm.tokenizer)
+        if ps.errors:
+            st.warning(f"{len(ps.errors)} pair(s) skipped: " + "; ".join(ps.errors[:5]))
         pairs = ps.by_category("headline")[: int(n_pairs)] + ps.by_category("control")
         with st.status(f"Ablating {len(pairs)} pairs ...", expanded=True):
             progress = widgets.progress_callback("Prompt set")

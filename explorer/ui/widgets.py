@@ -99,6 +99,9 @@ def prompt_set_picker() -> None:
             state.show_error(exc)
         if prompt_set is None:
             return
+        lm = state.current_model()
+        from explorer.prompts import check_for_tokenizer
+        prompt_set = check_for_tokenizer(prompt_set, lm.tokenizer)
         if prompt_set.errors:
             st.warning(f"{len(prompt_set.errors)} line(s) could not be read and were skipped:\n\n"
                        + "\n".join(f"- {e}" for e in prompt_set.errors[:10]))
