@@ -12,7 +12,9 @@ from explorer.errors import ExplorerInputError
 
 SITES = ("resid_pre", "head_out", "attn_out", "attn_pattern", "mlp_out", "resid_post")
 # Order in which a layer computes its sites; nnsight needs interventions in this order.
-SITE_ORDER = {name: i for i, name in enumerate(SITES)}
+# "qkv" (a head's query/key/value projection output) is internal: path patching writes it.
+SITE_ORDER = {name: i for i, name in enumerate(("resid_pre", "qkv", "head_out", "attn_out", "attn_pattern",
+                                                "mlp_out", "resid_post"))}
 SITE_ALIASES = {
     # nnterp / TransformerLens spellings
     "layers_input": "resid_pre", "hook_resid_pre": "resid_pre",
@@ -195,6 +197,31 @@ class Sites:
     def o_proj(self, root, layer: int):
         path = self.fam.linear_o_proj if self.arch.layer_kind(layer) == LINEAR else self.fam.o_proj
         return get_path(self.layer(root, layer), path)
+
+    def input_norm(self, root, layer: int):
+        layer_mod = self.layer(root, layer)
+        for name in ("input_layernorm", "ln_1"):
+            if hasattr(layer_mod, name):
+                return getattr(layer_mod, name)
+        raise ExplorerInputError(f"No input norm found for layer {layer} of {self.fam.name}.")
+
+    def qkv_slot(self, layer: int, head: int, which: str) -> tuple[str, int, int]:
+        """Where head `head`'s query/key/value lives: (projection path below the layer, number of
+        d_head chunks in that projection's output, chunk index). GQA: k and v are the shared kv head."""
+        arch, fam = self.arch, self.fam.name
+        arch.check_head(layer, head)
+        arch.check_softmax(layer, "Path patching into a head's query/key/value")
+        if which not in ("q", "k", "v"):
+            raise ExplorerInputError(f"Receiver input must be q, k or v, not {which!r}.")
+        H, kv = arch.n_heads, head // (arch.n_heads // arch.n_kv_heads)
+        if fam == "gpt2":
+            return "attn.c_attn", 3 * H, {"q": 0, "k": H, "v": 2 * H}[which] + head
+        if fam == "gpt_neox":
+            return "attention.query_key_value", 3 * H, head * 3 + {"q": 0, "k": 1, "v": 2}[which]
+        if which == "q":
+            gated = fam == "qwen3_5"  # [query | gate] per head
+            return "self_attn.q_proj", 2 * H if gated else H, 2 * head if gated else head
+        return f"self_attn.{which}_proj", arch.n_kv_heads, kv
 
     def mlp(self, root, layer: int):
         return get_path(self.layer(root, layer), self.fam.mlp)

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default=None, help="a head set like 1.3,2.0: patched alone and together")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     p.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    p.add_argument("--receiver", default=None, help="path patching: 'logits' or LAYER.HEAD.q|k|v (senders: all earlier heads)")
     p = sub.add_parser("ablate", help="ablate targets on the clean and the corrupted run")
     _model_args(p), _pair_args(p)
     _ablation_args(p)
@@ -143,6 +144,13 @@ def cmd_patch(args) -> dict:
             layers = [int(x) for x in args.layers.split(",")]
         except ValueError:
             raise ExplorerInputError(f"--layers must be comma-separated integers, not {args.layers!r}.") from None
+    if args.receiver:
+        from explorer.paths import parse_receiver, path_patch
+        res = path_patch(lm, tp, parse_receiver(args.receiver, lm.arch))
+        if not args.json:
+            print(res.title)
+            print(res.frame.to_string(index=False))
+        return {"model": lm.describe(), "title": res.title, "formula": res.formula, "records": _frame_records(res.frame)}
     if args.heads:
         heads = patching.parse_heads(args.heads, lm.arch)
         res = patching.head_set_patch(lm, tp, heads, args.positions if args.positions != "each" else "all", args.direction)

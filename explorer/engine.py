@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from explorer.adapters import LINEAR, SITE_ORDER
+from explorer.adapters import LINEAR, SITE_ORDER, get_path
 from explorer.errors import ExplorerInputError
 
 
@@ -31,6 +31,7 @@ class Intervention:
     pos: torch.Tensor | None
     value: torch.Tensor | float
     heads: torch.Tensor | None = None
+    module: tuple[str, int] | None = None  # site "qkv": (projection path below the layer, d_head chunks)
 
     @property
     def order(self) -> tuple[int, int]:
@@ -44,8 +45,9 @@ def _as_tensor(out):
 def _write(x: torch.Tensor, iv: Intervention, n_heads: int) -> None:
     """In-place write; x is [batch, pos, d] (head_out: [batch, pos, heads*d_head])."""
     value = iv.value if not torch.is_tensor(iv.value) else iv.value.to(x.device, x.dtype)
-    if iv.site == "head_out":
-        view = x.view(x.shape[0], x.shape[1], n_heads, -1)  # [batch, pos, head, d_head]
+    if iv.site in ("head_out", "qkv"):
+        chunks = n_heads if iv.site == "head_out" else iv.module[1]
+        view = x.view(x.shape[0], x.shape[1], chunks, -1)  # [batch, pos, head, d_head]
         if iv.pos is None:
             view[iv.rows, :, iv.heads] = value
         else:
@@ -78,6 +80,8 @@ def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), rea
         arch.check_layer(iv.layer)
         if iv.site == "attn_pattern":
             raise ExplorerInputError("Attention patterns can be read, not patched.")
+        if iv.site == "qkv" and any(o.site == "qkv" and o.module != iv.module for o in interventions):
+            raise ExplorerInputError("One pass can write only one query/key/value projection per layer.")
         steps.setdefault(iv.order, (iv.site, iv.layer, [], False))[2].append(iv)
     for site, layer in reads:
         key = (layer, SITE_ORDER[site])
@@ -98,6 +102,8 @@ def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), rea
                 n_heads = arch.heads_in(layer)
                 if site == "resid_pre":
                     x = sites.layer(root, layer).input
+                elif site == "qkv":
+                    x = get_path(sites.layer(root, layer), ivs[0].module[0]).output
                 elif site == "head_out":
                     x = sites.o_proj(root, layer).input
                 elif site == "attn_out":

@@ -112,3 +112,24 @@ if text:
         c2.metric(f"Sum of single {metric}", f"{hs.sum_of_singles:.3f}")
         c3.metric("Joint − sum (superadditivity)", f"{hs.superadditivity:+.3f}")
         st.caption(f"{hs.singles.title}. Heads patched at {set_pos} positions, alone and together.")
+
+# ---- path patching: senders routed only through one receiver ----
+st.subheader("Path patching: which heads feed a receiver")
+st.caption("Each sender head's output is set to its clean value; only its direct write into the receiver is kept "
+           "(receiver = a later head's query/key/value input, or the logits through the final residual). "
+           "Metric: recovery = (LD_patched − LD_corr) / (LD_clean − LD_corr). For GQA models, k and v belong to the "
+           "shared key/value head of the receiver's group.")
+receiver_text = st.text_input("Receiver (logits, or LAYER.HEAD.q|k|v)", value=state.page_param("receiver", ""),
+                              placeholder="e.g. logits or 3.1.q")
+if receiver_text:
+    from explorer.paths import parse_receiver, path_patch
+    try:
+        path_res = path_patch(lm, tp, parse_receiver(receiver_text, lm.arch))
+    except ExplorerInputError as exc:
+        state.show_error(exc)
+    else:
+        state.sync_url({"receiver": receiver_text})
+        st.altair_chart(charts.heatmap(path_res.frame, "head", "layer", "recovery",
+                                       f"Path patching, sender head_out (all positions) → {receiver_text}, "
+                                       "clean → corrupted run (denoise): recovery", select=False))
+        widgets.export_buttons(path_res.frame, "path_patching", {"receiver": receiver_text, "formula": path_res.formula})

@@ -66,6 +66,17 @@ def test_patching_page_and_drill_down(demo_model):
     assert any("Strongest head cell" in m.value for m in at.markdown)
 
 
+def test_patching_page_path_patching(demo_model):
+    from explorer.paths import path_patch
+    from explorer.prompts import tokenize_pair
+    at = page("pages/1_Patching.py", receiver="3.1.q")
+    assert not at.exception and not at.error
+    res = path_patch(demo_model, tokenize_pair(demo_model.tokenizer, DEMO_PAIR), (3, 1, "q"))
+    assert len(res.frame) == 3 * 8
+    at = page("pages/1_Patching.py", receiver="3.1.x")
+    assert not at.exception and len(at.error) == 1
+
+
 def test_patching_page_head_set_and_url_settings(demo_model):
     at = page("pages/1_Patching.py", site="head_out", positions="all", direction="noise", heads="2.0, 3.1")
     assert not at.exception and not at.error
