@@ -25,14 +25,7 @@ from explorer.dla import dla  # noqa: E402
 from explorer.models import load_model  # noqa: E402
 from explorer.patching import head_sweep  # noqa: E402
 from explorer.prompts import load_prompt_set, tokenize_pair  # noqa: E402
-
-
-def md(frame: pd.DataFrame, digits: int = 3) -> str:
-    cols = list(frame.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(lines)
+from explorer.report import markdown_table as md  # noqa: E402
 
 
 def main(argv=None):

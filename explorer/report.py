@@ -13,6 +13,15 @@ from explorer.prompts import check_for_tokenizer, load_prompt_set
 from explorer.runtime import REPO_ROOT
 
 
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub markdown table (pandas' to_markdown needs the optional tabulate package)."""
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
 def family_table(lm, prefix: str) -> pd.DataFrame:
     frames = []
     for path in sorted((REPO_ROOT / "prompts").glob(f"{prefix}_*.jsonl")):
@@ -29,7 +38,7 @@ def main(argv=None):
     from explorer.models import load_model
     lm = load_model(args.model)
     table = family_table(lm, args.prefix or args.model)
-    print(table.to_markdown(index=False, floatfmt=".3f") if hasattr(table, "to_markdown") else table.to_string())
+    print(markdown_table(table))
 
 
 if __name__ == "__main__":
