@@ -66,7 +66,7 @@ def clear_memory() -> None:
 
 
 # ---- results: arrays of numbers computed from a pair and a spec, cached the same way ----
-_RESULTS: OrderedDict[str, "np.ndarray"] = OrderedDict()
+_RESULTS: OrderedDict = OrderedDict()
 
 
 def result_key(lm, tp, spec, direction: str) -> str:

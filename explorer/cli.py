@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="ablate targets on the clean and the corrupted run")
     _model_args(p), _pair_args(p)
     _ablation_args(p)
+    p.add_argument("--reference", default=None, help="JSONL set whose clean prompts give mean/resample values")
     p = sub.add_parser("attribute", help="attribution patching (first-order Taylor) for every site")
     _model_args(p), _pair_args(p)
     p.add_argument("--site", default="head_out", help="resid_pre|attn_out|mlp_out|head_out")
@@ -183,14 +184,17 @@ def _frame_records(frame) -> list[dict]:
 
 
 def cmd_ablate(args) -> dict:
-    from explorer.ablation import Reference, ablate_pair, parse_targets
-    from explorer.prompts import load_prompt_set
+    from explorer.ablation import ablate_pair, parse_targets
     lm = _load(args)
     tp = _pair(args, lm)
     targets = parse_targets(args.targets, lm.arch)
     reference = None
     if args.method != "zero":
-        raise ExplorerInputError("mean and resample need a reference set: use `python -m explorer run --prompts ...`.")
+        if not args.reference:
+            raise ExplorerInputError(f"{args.method} ablation needs --reference SET.jsonl (its clean prompts give the values).")
+        from explorer.ablation import Reference
+        from explorer.prompts import load_prompt_set
+        reference = Reference.from_pairs(lm, load_prompt_set(args.reference).by_category("headline"))
     res = ablate_pair(lm, tp, targets, args.method, _positions_arg(args.positions), reference)
     if not args.json:
         print(res.title)

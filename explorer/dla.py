@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from explorer.adapters import get_path
 from explorer.cache import get_activations
 from explorer.errors import ExplorerInputError
-from explorer.prompts import TokenizedPair, show_token
+from explorer.prompts import TokenizedPair, show_token, single_token_ids
 
 DLA_FORMULA = ("DLA(c) = norm_lin(c) · (W_U[clean_answer] − W_U[corrupted_answer]), norm_lin = final norm with "
                "the scale (and centring, for LayerNorm) frozen at this run's final residual")
@@ -197,12 +196,7 @@ def head_token_table(lm, tp: TokenizedPair, heads: list[tuple[int, int]], tokens
     _, acts = get_activations(lm, ids, _reads(lm))
     norm = FrozenNorm(lm, acts[("resid_post", lm.arch.n_layers - 1)][-1])
     w_u, _ = unembed_matrix(lm)
-    token_ids = []
-    for t in tokens:
-        enc = lm.tokenizer.encode(t, add_special_tokens=False)
-        if len(enc) != 1:
-            raise ExplorerInputError(f"Token {t!r} is {len(enc)} tokens; list single tokens only.")
-        token_ids.append(enc[0])
+    token_ids = single_token_ids(lm.tokenizer, tokens)
     rows = []
     for layer, head in heads:
         lm.arch.check_head(layer, head)

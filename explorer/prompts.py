@@ -103,8 +103,9 @@ def show_token(tokenizer, token_id: int) -> str:
 
 def answer_token_id(tokenizer, answer: str, which: str) -> int:
     """The single token id of `answer`, or an error that shows how it tokenizes."""
+    label = which if which.endswith("token") else f"{which} answer"
     if not answer:
-        raise ExplorerInputError(f"The {which} answer is empty; give the one token the model should predict.")
+        raise ExplorerInputError(f"The {label} is empty; give the one token the model should predict.")
     ids = tokenizer.encode(answer, add_special_tokens=False)
     if len(ids) == 1:
         return ids[0]
@@ -115,9 +116,15 @@ def answer_token_id(tokenizer, answer: str, which: str) -> int:
         if len(alt) == 1:
             hint = f" Try {(' ' + answer)!r} with a leading space: that is one token."
     raise ExplorerInputError(
-        f"The {which} answer {answer!r} is {len(ids)} tokens, not one: {pieces}. "
-        f"Answers must be a single token.{hint}"
+        f"The {label} {answer!r} is {len(ids)} tokens, not one: {pieces}. It must be a single token.{hint}"
     )
+
+
+def single_token_ids(tokenizer, tokens: list[str]) -> list[int]:
+    """Ids of a user's token list (e.g. all fruits), each required to be one token."""
+    if not tokens:
+        raise ExplorerInputError("The token list is empty.")
+    return [answer_token_id(tokenizer, t, "listed token") for t in tokens]
 
 
 def tokenize_pair(tokenizer, pair: PromptPair) -> TokenizedPair:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from explorer.adapters import LINEAR, get_path
+from explorer.adapters import LINEAR
 from explorer.errors import ExplorerInputError
-from explorer.prompts import show_token
+from explorer.prompts import show_token, single_token_ids
 
 
 @dataclass(frozen=True)
@@ -115,12 +115,7 @@ def qk_circuit(lm, layer: int, head: int, n_directions: int = 4, k: int = 8) -> 
 def ov_token_matrix(lm, layer: int, head: int, tokens: list[str]) -> pd.DataFrame:
     """For listed tokens: the logit each output token gets when the head attends fully to each
     input token (embedding -> OV -> unembedding; norms as gains). Copying heads show a diagonal."""
-    ids = []
-    for t in tokens:
-        enc = lm.tokenizer.encode(t, add_special_tokens=False)
-        if len(enc) != 1:
-            raise ExplorerInputError(f"Token {t!r} is {len(enc)} tokens; list single tokens only.")
-        ids.append(enc[0])
+    ids = single_token_ids(lm.tokenizer, tokens)
     w = head_weights(lm, layer, head)
     emb, unemb = _readers(lm, layer)
     values = (emb[ids] @ (w.o @ w.v).T) @ unemb[ids].T  # [input token, output token]

@@ -5,12 +5,7 @@ from explorer.errors import ExplorerInputError
 from explorer.patching import head_set_patch, head_sweep, linear_heads_note, parse_heads, patch_sweep
 from explorer.ui import charts, state, widgets
 
-st.set_page_config(page_title="Patching · Circuit Explorer", layout="wide")
-state.init()
-widgets.model_sidebar()
-st.title("Activation patching")
-lm = widgets.load_model_or_stop()
-tp = widgets.tokenized_pair_or_stop(lm)
+lm, tp = widgets.start_page("Activation patching")
 pair = state.current_pair()
 
 SITES = ["resid_post", "resid_pre", "attn_out", "mlp_out", "head_out"]

@@ -2,7 +2,6 @@
 import json
 
 import altair as alt
-import pandas as pd
 import streamlit as st
 
 from explorer.ablation import METHODS, Reference, Thresholds, ablate_pair, ablate_set, parse_targets
@@ -11,12 +10,7 @@ from explorer.metrics import RELATIVE_DROP_FORMULA, SHIFT_FORMULA
 from explorer.prompts import check_for_tokenizer, load_prompt_set
 from explorer.ui import state, widgets
 
-st.set_page_config(page_title="Ablation · Circuit Explorer", layout="wide")
-state.init()
-widgets.model_sidebar()
-st.title("Ablation")
-lm = widgets.load_model_or_stop()
-tp = widgets.tokenized_pair_or_stop(lm)
+lm, tp = widgets.start_page("Ablation")
 st.caption(f"{SHIFT_FORMULA}. On the clean run: {RELATIVE_DROP_FORMULA}.")
 
 c1, c2, c3 = st.columns([3, 1, 1])

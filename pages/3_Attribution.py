@@ -6,12 +6,7 @@ from explorer.attribution import ATTR_SITES, attribution_patching, compare_with_
 from explorer.errors import ExplorerInputError
 from explorer.ui import charts, state, widgets
 
-st.set_page_config(page_title="Attribution · Circuit Explorer", layout="wide")
-state.init()
-widgets.model_sidebar()
-st.title("Attribution patching")
-lm = widgets.load_model_or_stop()
-tp = widgets.tokenized_pair_or_stop(lm)
+lm, tp = widgets.start_page("Attribution patching")
 try:
     res = attribution_patching(lm, tp)
 except ExplorerInputError as exc:

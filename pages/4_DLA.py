@@ -6,12 +6,7 @@ from explorer.dla import dla, head_token_table, head_top_tokens
 from explorer.errors import ExplorerInputError
 from explorer.ui import charts, state, widgets
 
-st.set_page_config(page_title="DLA · Circuit Explorer", layout="wide")
-state.init()
-widgets.model_sidebar()
-st.title("Direct logit attribution")
-lm = widgets.load_model_or_stop()
-tp = widgets.tokenized_pair_or_stop(lm)
+lm, tp = widgets.start_page("Direct logit attribution")
 run = st.radio("Run", ["clean", "corrupted"], horizontal=True,
                index=["clean", "corrupted"].index(state.page_param("run", "clean", ["clean", "corrupted"])))
 try:

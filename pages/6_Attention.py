@@ -7,12 +7,7 @@ from explorer.errors import ExplorerInputError
 from explorer.patching import parse_heads
 from explorer.ui import state, widgets
 
-st.set_page_config(page_title="Attention · Circuit Explorer", layout="wide")
-state.init()
-widgets.model_sidebar()
-st.title("Attention patterns")
-lm = widgets.load_model_or_stop()
-tp = widgets.tokenized_pair_or_stop(lm)
+lm, tp = widgets.start_page("Attention patterns")
 default_heads = f"{state.page_param('layer', lm.arch.n_layers - 1)}.{state.page_param('head', 0)}"
 text = st.text_input("Heads (LAYER.HEAD, comma-separated)", value=state.page_param("heads", default_heads))
 n = len(tp.clean_ids)

@@ -5,11 +5,7 @@ from explorer.errors import ExplorerInputError
 from explorer.ui import charts, state, widgets
 from explorer.weights import ov_circuit, ov_token_matrix, qk_circuit
 
-st.set_page_config(page_title="Weights · Circuit Explorer", layout="wide")
-state.init()
-widgets.model_sidebar()
-st.title("Weights: OV and QK circuits")
-lm = widgets.load_model_or_stop()
+lm, _ = widgets.start_page("Weights: OV and QK circuits", needs_pair=False)
 c1, c2 = st.columns(2)
 layer = int(c1.number_input("Layer", 0, lm.arch.n_layers - 1, int(state.page_param("layer", lm.arch.n_layers - 1))))
 head = int(c2.number_input("Head", 0, lm.arch.heads_in(layer) - 1, min(int(state.page_param("head", 0)), lm.arch.heads_in(layer) - 1)))

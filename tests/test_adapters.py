@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from explorer import engine
-from explorer.adapters import LINEAR, SOFTMAX, SITES, architecture_for
+from explorer.adapters import LINEAR, SOFTMAX, architecture_for
 from explorer.errors import ExplorerInputError
 from explorer.tiny import ZOO_FAMILIES
 

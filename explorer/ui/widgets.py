@@ -58,6 +58,17 @@ def model_sidebar() -> None:
                 "Trust remote code", value=False, help="Runs Python shipped with the model. Only for models you trust.")
 
 
+def start_page(title: str, needs_pair: bool = True):
+    """Common top of every analysis page: config, state, sidebar, title, model (and the pair).
+    Returns (model, tokenized pair or None); on bad input it shows one message and stops."""
+    st.set_page_config(page_title=f"{title} · Circuit Explorer", layout="wide")
+    state.init()
+    model_sidebar()
+    st.title(title)
+    lm = load_model_or_stop()
+    return lm, (tokenized_pair_or_stop(lm) if needs_pair else None)
+
+
 def load_model_or_stop():
     """The current model, or an error message and st.stop()."""
     try:
