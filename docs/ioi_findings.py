@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from explorer.attention import attention_from  # noqa: E402
 from explorer.dataset import pair_baselines  # noqa: E402
-from explorer.dla import dla  # noqa: E402
+from explorer.dla import dla, head_token_table  # noqa: E402
 from explorer.models import load_model  # noqa: E402
 from explorer.patching import head_sweep  # noqa: E402
 from explorer.prompts import load_prompt_set, tokenize_pair  # noqa: E402
@@ -52,7 +52,20 @@ def main(argv=None):
     top_patch = sweep.reindex(sweep["mean_recovery"].abs().sort_values(ascending=False).index).head(10)
     top_dla = head_dla.sort_values("dla", ascending=False).head(8)
     bottom_dla = head_dla.sort_values("dla").head(5)
-    # attention from the final position to the IO and S name positions, for the top DLA heads
+    # attention from the final position to the IO and S name positions, for the top DLA heads,
+    # and each head's direct effect on logit(IO) and logit(S) separately (DLA to LD = the difference)
+    split_rows = []
+    for pair in pairs:
+        tp_split = tokenize_pair(lm.tokenizer, pair)
+        heads_split = [(int(r.layer), int(r.head)) for r in pd.concat([top_dla, bottom_dla]).itertuples()]
+        table = head_token_table(lm, tp_split, heads_split, [pair.clean_answer, pair.corrupted_answer])
+        for head, g in table.groupby("head"):
+            v = g.set_index("token")["logit_contribution"]
+            split_rows.append({"head": head, "to_logit_IO": float(v[pair.clean_answer]),
+                               "to_logit_S": float(v[pair.corrupted_answer])})
+    split = pd.DataFrame(split_rows).groupby("head", as_index=False).mean()
+    split["dla_LD"] = split["to_logit_IO"] - split["to_logit_S"]
+    split = split.sort_values("dla_LD", ascending=False)
     for pair in pairs:
         tp = tokenize_pair(lm.tokenizer, pair)
         io_id, s_id = tp.clean_answer_id, tp.corrupted_answer_id
@@ -78,8 +91,8 @@ corrupted = the second subject mention replaced by the indirect object, which fl
 
 Baseline over all {len(base)} headline pairs: top-1 accuracy {((base['clean_top1_correct'].mean() + base['corrupted_top1_correct'].mean()) / 2):.1%}
 (both runs), mean LD_clean {base['ld_clean'].mean():+.2f}, mean LD_corrupted {base['ld_corrupted'].mean():+.2f}.
-The analyses below use the first {len(pairs)} pairs that the model gets right on both runs (mean LD_clean
-of those {len(good)} pairs: {mean_ld:+.2f}).
+The analyses below use the first {len(pairs)} of the {len(good)} pairs that the model gets right on both
+runs (mean LD_clean over those {len(good)}: {mean_ld:+.2f}).
 
 ## 1. Head patching (head_out, all positions, clean → corrupted, recovery)
 
@@ -101,6 +114,11 @@ Heads that push toward the subject:
 
 {md(bottom_dla[["component", "dla"]])}
 
+DLA to LD can come from promoting the IO or from suppressing the subject. Split into the direct
+effect on each logit (same frozen final norm; `to_logit_IO − to_logit_S` is the DLA above):
+
+{md(split[["head", "to_logit_IO", "to_logit_S", "dla_LD"]])}
+
 ## 3. Attention from the final position (clean run)
 
 Mean attention weight from the last token to the IO name and to the S name tokens, for the heads
@@ -110,8 +128,12 @@ of table 2's first part. In the app: Attention page, query position = last.
 
 ## Reading
 
-Heads whose DLA favours the IO and whose final-position attention goes to the IO name behave like
-name movers; heads with negative DLA that attend to a name behave like negative/backup movers.
+Heads whose DLA favours the IO through a positive effect on logit(IO) and whose final-position
+attention goes to the IO name behave like name movers (copying the attended name). A head can also
+raise LD by *lowering* logit(S) while attending to S (suppressing the name it reads), and heads
+with negative DLA push toward the subject. Attention weights alone do not settle which: read them
+together with the split above and with the patching table, which also shows heads (large recovery,
+small DLA) whose effect goes through later heads rather than straight to the logits.
 Head labels are this model's own: GPT-2-small's head names do not carry over. Patching recovery
 that is spread over many heads with small values means no single head carries the effect; check
 head sets (Patching page, "Head set") for joint effects.

@@ -15,7 +15,7 @@ def heatmap(frame: pd.DataFrame, x: str, y: str, value: str, title: str, x_label
     if x_labels is not None:
         data["x_label"] = [x_labels[int(i)] for i in data[x]]
         x_field = alt.X("x_label:N", sort=list(dict.fromkeys(x_labels)), title=x_title,
-                        axis=alt.Axis(labelAngle=-60, labelLimit=160))
+                        axis=alt.Axis(labelAngle=-60, labelLimit=160, labelOverlap=False))
     else:
         x_field = alt.X(f"{x}:O", title=x_title)
     limit = float(max(1e-9, data[value].abs().max()))
@@ -33,9 +33,9 @@ def heatmap(frame: pd.DataFrame, x: str, y: str, value: str, title: str, x_label
         marks = alt.Chart(data[data["differs"]]).mark_rect(fill=None, stroke="black", strokeWidth=2).encode(
             x=x_field, y=alt.Y(f"{y}:O", sort="descending"))
         chart = chart + marks
-    params = dict(title=alt.TitleParams(title, subtitle=subtitle or ""), height=max(160, 22 * data[y].nunique()))
-    if width:
-        params["width"] = width
+    # Band steps, not fixed sizes: every cell stays readable whatever the number of layers or tokens.
+    params = dict(title=alt.TitleParams(title, subtitle=subtitle or ""), height=alt.Step(24),
+                  width=width or alt.Step(max(18, min(40, 900 // max(1, data[x].nunique())))))
     if select:
         point = alt.selection_point(name="cell", fields=[f for f in (y, x) if f in data], on="click")
         if isinstance(chart, alt.LayerChart):
