@@ -199,7 +199,11 @@ def _fast_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progr
     out = np.empty(len(patches))
     done = 0
     target_ids = torch.tensor([list(tgt_ids)])
-    for (start, p0), idx in sorted(groups.items()):
+    chunks = []
+    for (start, p0), idx in sorted(groups.items()):  # bound rows x positions per pass (memory)
+        step = max(1, TOKEN_BUDGET // max(1, n_tgt - p0))
+        chunks += [((start, p0), idx[k:k + step]) for k in range(0, len(idx), step)]
+    for (start, p0), idx in chunks:
         rows = len(idx)
         by_kind: dict = {}
         for row, i in enumerate(idx):

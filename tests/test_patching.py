@@ -197,3 +197,33 @@ def test_fast_path_equals_full_batched_path(tiny_model, family, monkeypatch):
     shutil.rmtree(cache.cache_dir() / "results", ignore_errors=True)
     slow = patching.patched_logit_diffs(lm, tp, patches, "noise", fast=False)
     np.testing.assert_allclose(fast, slow, atol=2e-5)
+
+
+def test_demo_model_sweeps_match_hooks(demo_model):
+    from explorer.ui.state import DEMO_PAIR
+    tp = tokenize_pair(demo_model.tokenizer, DEMO_PAIR)
+    res = patch_sweep(demo_model, tp, "resid_post", "each", layers=[1])
+    heads = head_sweep(demo_model, tp, "all", "noise", layers=[2])
+    for row in res.frame.itertuples():
+        ref = hook_patch_ld(demo_model, tp.clean_ids, tp.corrupted_ids, "resid_post", 1, row.pos, None,
+                            tp.clean_answer_id, tp.corrupted_answer_id)
+        assert row.ld_patched == pytest.approx(ref, abs=1e-4)
+    for row in heads.frame.itertuples():
+        ref = hook_patch_ld(demo_model, tp.corrupted_ids, tp.clean_ids, "head_out", 2, None, row.head,
+                            tp.clean_answer_id, tp.corrupted_answer_id)
+        assert row.ld_patched == pytest.approx(ref, abs=1e-4)
+
+
+def test_fast_path_chunks_to_the_memory_budget(tiny_model, monkeypatch):
+    import explorer.patching as patching
+    from explorer import cache
+    lm = tiny_model("llama")
+    tp = tokenize_pair(lm.tokenizer, PAIR)
+    full = patch_sweep(lm, tp, "attn_out", "each").frame["ld_patched"].to_numpy()
+    cache.clear_memory()
+    monkeypatch.setattr(patching, "TOKEN_BUDGET", 7)
+    monkeypatch.setattr(patching, "load_result", lambda key: None)
+    calls = lm.forward_calls
+    chunked = patching.patched_logit_diffs(lm, tp, [(Cell("attn_out", l, p),) for l in range(2) for p in range(tp.n_pos)])
+    assert lm.forward_calls - calls > 4
+    np.testing.assert_allclose(full, chunked, atol=1e-5)
