@@ -81,6 +81,19 @@ def main(argv=None):
     attn = pd.DataFrame(attn_rows).groupby(["layer", "head"], as_index=False).mean()
     attn["head"] = [f"L{l}H{h}" for l, h in zip(attn["layer"], attn["head"])]
     rel_err = float(pd.concat(dlas)["rel_err"].max())
+    # Data-driven labels (thresholds in logits / attention weight), so the reading below is reproducible.
+    roles = split.merge(attn[["head", "to_IO", "to_S"]], on="head", how="left")
+    def role(r):
+        if r.dla_LD > 0.3 and r.to_logit_IO > 0.3 and (pd.isna(r.to_IO) or r.to_IO > r.to_S):
+            return "name mover: attends to IO, raises logit(IO)"
+        if r.dla_LD > 0.3 and r.to_logit_S < -0.3 and (pd.isna(r.to_S) or r.to_S > r.to_IO):
+            return "subject suppressor: attends to S, lowers logit(S)"
+        if r.dla_LD < -0.3 and r.to_logit_IO < -0.3:
+            return "negative mover: lowers logit(IO)"
+        if r.dla_LD > 0.3:
+            return "raises LD (mixed)"
+        return "small direct effect"
+    roles["role"] = [role(r) for r in roles.itertuples()]
     mean_ld = good["ld_clean"].mean()
     text = f"""# IOI in SmolLM2-135M-Instruct (dequantized Q4_1), as measured with Circuit Explorer
 
@@ -125,6 +138,14 @@ Mean attention weight from the last token to the IO name and to the S name token
 of table 2's first part. In the app: Attention page, query position = last.
 
 {md(attn[["head", "to_IO", "to_S"]])}
+
+## What this run shows
+
+Roles assigned from the tables above (name mover: DLA > 0.3, raises logit(IO) by > 0.3 and attends more
+to IO than S; subject suppressor: DLA > 0.3, lowers logit(S) by > 0.3 and attends more to S; negative
+mover: DLA < −0.3 and lowers logit(IO) by > 0.3):
+
+{md(roles[["head", "dla_LD", "to_logit_IO", "to_logit_S", "to_IO", "to_S", "role"]])}
 
 ## Reading
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from explorer.adapters import LINEAR, SITE_ORDER, get_path
+from explorer.adapters import SITE_ORDER, get_path
 from explorer.errors import ExplorerInputError
 
 
@@ -128,7 +128,3 @@ def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), rea
     logits = logits if all_logits else logits[:, -1, :]
     # Half precision is widened for the metric; float64 (numerical checks) is kept as it is.
     return (logits if logits.dtype == torch.float64 else logits.float()), dict(saved)
-
-
-def layer_kind_note(arch, layer: int) -> str:
-    return "linear attention" if arch.layer_kind(layer) == LINEAR else "softmax attention"

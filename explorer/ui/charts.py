@@ -45,16 +45,6 @@ def heatmap(frame: pd.DataFrame, x: str, y: str, value: str, title: str, x_label
     return chart.properties(**params)
 
 
-def bars(frame: pd.DataFrame, x: str, y: str, title: str, color: str | None = None, subtitle: str | None = None,
-         sort=None) -> alt.Chart:
-    enc = dict(x=alt.X(f"{x}:N", sort=sort, title=x), y=alt.Y(f"{y}:Q", title=y),
-               tooltip=[c for c in frame.columns])
-    if color:
-        enc["color"] = alt.Color(f"{color}:N")
-    return alt.Chart(frame).mark_bar().encode(**enc).properties(
-        title=alt.TitleParams(title, subtitle=subtitle or ""), height=260)
-
-
 def line(frame: pd.DataFrame, x: str, y: str, color: str, title: str, subtitle: str | None = None) -> alt.Chart:
     return alt.Chart(frame).mark_line(point=True).encode(
         x=alt.X(f"{x}:O"), y=alt.Y(f"{y}:Q"), color=alt.Color(f"{color}:N"),
