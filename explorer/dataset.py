@@ -50,12 +50,14 @@ def pair_baselines(lm, pairs: list[PromptPair], progress=None) -> pd.DataFrame:
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per task: top-1 accuracy over both runs and the mean / min logit differences."""
+    """Per task: top-1 accuracy over both runs, contrast accuracy (LD_clean > 0 > LD_corrupted),
+    and the mean / extreme logit differences."""
     head = frame[frame["category"] == "headline"]
     g = head.groupby("task")
     return pd.DataFrame({
         "pairs": g.size(),
         "accuracy": g.apply(lambda d: (d["clean_top1_correct"].sum() + d["corrupted_top1_correct"].sum()) / (2 * len(d))),
+        "contrast_accuracy": g.apply(lambda d: ((d["ld_clean"] > 0) & (d["ld_corrupted"] < 0)).mean()),
         "mean_ld_clean": g["ld_clean"].mean(), "min_ld_clean": g["ld_clean"].min(),
         "mean_ld_corrupted": g["ld_corrupted"].mean(), "max_ld_corrupted": g["ld_corrupted"].max(),
     }).reset_index()
