@@ -23,6 +23,7 @@ from explorer.dataset import pair_baselines  # noqa: E402
 from explorer.dla import dla, head_token_table  # noqa: E402
 from explorer.models import load_model  # noqa: E402
 from explorer.patching import head_sweep  # noqa: E402
+from explorer.paths import path_patch  # noqa: E402
 from explorer.prompts import load_prompt_set, tokenize_pair  # noqa: E402
 from explorer.report import markdown_table as md  # noqa: E402
 
@@ -71,7 +72,7 @@ def main(argv=None):
         io_id, s_id = tp.clean_answer_id, tp.corrupted_answer_id
         io_pos = [i for i, t in enumerate(tp.clean_ids) if t == io_id]
         s_pos = [i for i, t in enumerate(tp.clean_ids) if t == s_id]
-        heads = [(int(r.layer), int(r.head)) for r in top_dla.itertuples()]
+        heads = [(int(r.layer), int(r.head)) for r in pd.concat([top_dla, bottom_dla]).itertuples()]
         frame = attention_from(lm, tp, heads).frame
         clean = frame[frame["run"] == "clean"]
         for (layer, head), g in clean.groupby(["layer", "head"]):
@@ -81,6 +82,14 @@ def main(argv=None):
     attn = pd.DataFrame(attn_rows).groupby(["layer", "head"], as_index=False).mean()
     attn["head"] = [f"L{l}H{h}" for l, h in zip(attn["layer"], attn["head"])]
     rel_err = float(pd.concat(dlas)["rel_err"].max())
+    # Source tracing: which earlier heads reach the top two DLA heads' queries (direct paths only).
+    receivers = [(int(r.layer), int(r.head), "q") for r in top_dla.head(2).itertuples()]
+    path_tables = []
+    for receiver in receivers:
+        frames = [path_patch(lm, tokenize_pair(lm.tokenizer, p), receiver).frame for p in pairs]
+        mean = pd.concat(frames).groupby("head_label", as_index=False)["recovery"].mean()
+        mean = mean.reindex(mean["recovery"].abs().sort_values(ascending=False).index).head(6)
+        path_tables.append((f"L{receiver[0]}H{receiver[1]} query", mean))
     # Data-driven labels (thresholds in logits / attention weight), so the reading below is reproducible.
     roles = split.merge(attn[["head", "to_IO", "to_S"]], on="head", how="left")
     def role(r):
@@ -138,6 +147,14 @@ Mean attention weight from the last token to the IO name and to the S name token
 of table 2's first part. In the app: Attention page, query position = last.
 
 {md(attn[["head", "to_IO", "to_S"]])}
+
+## 4. Source tracing into the top heads' queries
+
+Path patching (Patching page, "Path patching"; CLI `patch --receiver L.H.q`): each earlier head is set to
+its clean output and reaches only the receiver's query input; mean recovery over the same pairs, the
+six senders with the largest |recovery| for each receiver.
+
+{chr(10).join(f"**{name}**{chr(10)}{chr(10)}{md(table)}{chr(10)}" for name, table in path_tables)}
 
 ## What this run shows
 

@@ -76,7 +76,11 @@ def path_patch(lm, tp: TokenizedPair, receiver: tuple, senders: list[tuple[int, 
         value = out.view(out.shape[0], out.shape[1], chunks, -1)[:, :, index]  # [sender, pos, d_head]
         n = len(senders)
         iv = engine.Intervention("qkv", layer, torch.arange(n), None, value, torch.full((n,), index), module=(path, chunks))
-        logits, _ = engine.run(lm, torch.tensor([list(tp.corrupted_ids)]).expand(n, -1), [iv])
+        # Layers before the receiver are untouched by a write at the receiver: skip them,
+        # feeding the receiver layer the corrupted run's cached residual.
+        skip_value = corr[base_read].unsqueeze(0).expand(n, -1, -1).clone()
+        logits, _ = engine.run(lm, torch.tensor([list(tp.corrupted_ids)]).expand(n, -1), [iv],
+                               skip_layers=layer, skip_value=skip_value)
     lds = (logits[:, a] - logits[:, b]).numpy()
     clean_logits, corr_logits = run_logits(lm, tp)
     ld_clean = float(clean_logits[a] - clean_logits[b])
