@@ -129,6 +129,7 @@ LAYER_BLOCK = None  # None: chosen per sweep by _choose_blocks; an int forces a 
 POS_CHUNK = None
 TRACE_OVERHEAD_S = 0.006  # fixed cost of one traced pass on CPU (measured: 5-10 ms)
 FLOPS_PER_S = 4e10  # one CPU thread, fp32 matmuls
+SMALL_BATCH_TOKENS = 64  # a pass over n token rows costs about (1 + this / n) times its FLOPs
 _KV_MEMO: dict = {}
 
 
@@ -153,7 +154,7 @@ def _choose_blocks(lm, cells_lp: list[tuple[int, int]], n_pos: int) -> tuple[int
             cost = 0.0
             for (start, p0), members in groups.items():
                 tokens = len(members) * (n_pos - p0)
-                cost += TRACE_OVERHEAD_S + per_token_layer * tokens * (n_layers - start) * (1 + 64 / tokens)
+                cost += TRACE_OVERHEAD_S + per_token_layer * tokens * (n_layers - start) * (1 + SMALL_BATCH_TOKENS / tokens)
             if best is None or cost < best[0]:
                 best = (cost, lb, pc)
     return best[1], best[2]
