@@ -129,7 +129,7 @@ LAYER_BLOCK = None  # None: chosen per sweep by _choose_blocks; an int forces a 
 POS_CHUNK = None
 TRACE_OVERHEAD_S = 0.006  # fixed cost of one traced pass on CPU (measured: 5-10 ms)
 FLOPS_PER_S = 4e10  # one CPU thread, fp32 matmuls
-SMALL_BATCH_TOKENS = 64  # a pass over n token rows costs about (1 + this / n) times its FLOPs
+SMALL_BATCH_TOKENS = 32  # a pass over n token rows costs about (1 + this / n) times its FLOPs
 _KV_MEMO: dict = {}
 
 
@@ -189,9 +189,7 @@ def _fast_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progr
     tgt_pos = [n_tgt - 1 if c.pos == LAST else c.pos for c in cells]  # None: all positions
     src_pos = [n_src - 1 if c.pos == LAST else c.pos for c in cells]
     _, source = get_activations(lm, src_ids, sorted({(c.site, c.layer) for c in cells}))
-    _, target = get_activations(lm, tgt_ids, [("resid_post", l) for l in range(n_layers)])
     reuse_prefix = all(info.kind != LINEAR for info in lm.arch.layers_info)  # recurrent state has no per-position cache
-    full_kv = _target_kv(lm, tgt_ids) if reuse_prefix else None
     first = [0 if p is None or not reuse_prefix else p for p in tgt_pos]  # first position a patch can change
     layer_block, pos_chunk = _choose_blocks(lm, [(c.layer, f) for c, f in zip(cells, first)], n_tgt)
     groups: dict[tuple[int, int], list[int]] = {}
@@ -200,6 +198,11 @@ def _fast_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progr
     out = np.empty(len(patches))
     done = 0
     target_ids = torch.tensor([list(tgt_ids)])
+    # The target's residuals and key/value cache cost a pass each: fetch them only if a group uses them.
+    target = None
+    if any(start > 0 for start, _ in groups):
+        _, target = get_activations(lm, tgt_ids, [("resid_post", l) for l in range(n_layers)])
+    full_kv = _target_kv(lm, tgt_ids) if any(p0 > 0 for _, p0 in groups) else None
     chunks = []
     for (start, p0), idx in sorted(groups.items()):  # bound rows x positions per pass (memory)
         step = max(1, TOKEN_BUDGET // max(1, n_tgt - p0))
