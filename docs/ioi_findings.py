@@ -152,7 +152,10 @@ of table 2's first part. In the app: Attention page, query position = last.
 
 Path patching (Patching page, "Path patching"; CLI `patch --receiver L.H.q`): each earlier head is set to
 its clean output and reaches only the receiver's query input; mean recovery over the same pairs, the
-six senders with the largest |recovery| for each receiver.
+six senders with the largest |recovery| for each receiver. A path into one head's query is bounded by
+that head's own patching effect (table 1); values this small mean no single earlier head steers the
+receiver's query: the pair difference reaches it through many heads, or through its keys and values
+(try `L.H.k` / `L.H.v` as receivers).
 
 {chr(10).join(f"**{name}**{chr(10)}{chr(10)}{md(table)}{chr(10)}" for name, table in path_tables)}
 
