@@ -10,6 +10,7 @@ import argparse
 import itertools
 import random
 
+from explorer.demo.tasks import set_completion_draw
 from explorer.prompts import PromptPair, tokenize_pair, write_jsonl
 from explorer.errors import ExplorerInputError
 from explorer.runtime import REPO_ROOT
@@ -78,20 +79,12 @@ def antonym_candidates(rng):
 def set_completion_candidates(rng):
     """The seed study's task in natural language: the missing fruit of a declared set."""
     while True:
-        n = rng.choice([3, 4])
-        items = rng.sample(FRUITS, n)
-        missing, counted = items[-1], items[:-1]
-        rng.shuffle(counted)
-        declared = items[:]
-        rng.shuffle(declared)
-        head = f"Man has {COUNT[n]} fruits, " + ", ".join(declared[:-1]) + f" and {declared[-1]} -"
-        swap = rng.randrange(len(counted))
-        corrupted = counted[:]
-        out = corrupted[swap]
-        corrupted[swap] = missing
-        body = lambda seq: " ".join(f"1 {x}" for x in seq[:-1]) + f" 1 {seq[-1]} and 1"  # noqa: E731
-        yield PromptPair(f"{head} {body(counted)}", f"{head} {body(corrupted)}", " " + missing, " " + out,
-                         task="set_completion", notes=f"set of {n}")
+        d = set_completion_draw(rng, FRUITS, ["Man"])
+        declared = d["declared"]
+        head = f"Man has {COUNT[d['n']]} fruits, " + ", ".join(declared[:-1]) + f" and {declared[-1]} -"
+        yield PromptPair(f"{head} " + " ".join(f"1 {x}" for x in d["counted"]) + " and 1",
+                         f"{head} " + " ".join(f"1 {x}" for x in d["corrupted"]) + " and 1",
+                         " " + d["missing"], " " + d["swapped_out"], task="set_completion", notes=f"set of {d['n']}")
 
 
 FAMILIES = {"ioi": ioi_candidates, "factual_recall": fact_candidates, "antonyms": antonym_candidates,

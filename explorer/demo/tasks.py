@@ -47,26 +47,35 @@ def world_facts(seed: int = 1234) -> dict[str, dict[str, str]]:
             for i, c in enumerate(COUNTRIES)}
 
 
-def set_completion(rng: random.Random) -> PromptPair:
+def set_completion_draw(rng: random.Random, fruits: list[str], owners: list[str]) -> dict:
+    """The content of one set-completion pair (shared by the demo and the natural-language sets):
+    a declared set of 3-4 fruits, all but one counted; corrupted = one counted item swapped for the
+    missing one, which makes the swapped-out item the answer."""
     n = rng.choice([3, 4])
-    items = rng.sample(FRUITS, n)
+    items = rng.sample(fruits, n)
     missing = items[-1]
     counted = items[:-1]
     rng.shuffle(counted)
-    owner = rng.choice(OWNERS)
+    owner = rng.choice(owners)
     declared = items[:]
     rng.shuffle(declared)
-    head = f"{owner} has {COUNT_WORDS[n]} fruits , " + " , ".join(declared[:-1]) + f" and {declared[-1]} -"
-
     swap = rng.randrange(len(counted))
-    corrupted_counted = counted[:]
-    swapped_out = corrupted_counted[swap]
-    corrupted_counted[swap] = missing
-    # The prompt stops before the last count, so "counted" lists n-1 items: drop the final item.
-    clean = f"{head} " + " ".join(f"1 {x}" for x in counted) + " and 1"
-    corrupted = f"{head} " + " ".join(f"1 {x}" for x in corrupted_counted) + " and 1"
-    return PromptPair(clean=clean, corrupted=corrupted, clean_answer=missing, corrupted_answer=swapped_out,
-                      task="set_completion", notes=f"set of {n}; counted item {swap} swapped")
+    corrupted = counted[:]
+    swapped_out = corrupted[swap]
+    corrupted[swap] = missing
+    return {"n": n, "owner": owner, "declared": declared, "counted": counted, "corrupted": corrupted,
+            "missing": missing, "swapped_out": swapped_out, "swap": swap}
+
+
+def set_completion(rng: random.Random) -> PromptPair:
+    d = set_completion_draw(rng, FRUITS, OWNERS)
+    declared = d["declared"]
+    head = f"{d['owner']} has {COUNT_WORDS[d['n']]} fruits , " + " , ".join(declared[:-1]) + f" and {declared[-1]} -"
+    # The prompt stops before the last count: it lists the n-1 counted items, then "and 1".
+    clean = f"{head} " + " ".join(f"1 {x}" for x in d["counted"]) + " and 1"
+    corrupted = f"{head} " + " ".join(f"1 {x}" for x in d["corrupted"]) + " and 1"
+    return PromptPair(clean=clean, corrupted=corrupted, clean_answer=d["missing"], corrupted_answer=d["swapped_out"],
+                      task="set_completion", notes=f"set of {d['n']}; counted item {d['swap']} swapped")
 
 
 def ioi(rng: random.Random) -> PromptPair:
