@@ -121,10 +121,12 @@ def _interventions(patches: list[Patch], source: dict, source_len: int, target_l
     return out
 
 
-# Fast path for sweeps of single cells at one position each. A patch at (layer l, position p)
-# cannot change layers before l or positions before p, so rows patched at layers [r, r+LAYER_BLOCK)
-# and positions [p0, p0+POS_CHUNK) share one pass that skips layers < r (fed the cached target
-# residual) and reuses the target run's keys/values for positions < p0. Logits: last position only.
+# Fast path for sweeps of single-cell patches (one position, the last, or all positions). A patch at
+# (layer l, position p) cannot change layers before l or positions before p, so rows patched at
+# layers [r, r+LAYER_BLOCK) and positions [p0, p0+POS_CHUNK) share one pass that skips layers < r
+# (fed the cached target residual) and reuses the target run's keys/values for positions < p0.
+# Logits: last position only. Multi-cell patches (head sets) take the plain batched path below,
+# which is also the reference the fast path is tested against.
 LAYER_BLOCK = None  # None: chosen per sweep by _choose_blocks; an int forces a block size (tests)
 POS_CHUNK = None
 TRACE_OVERHEAD_S = 0.006  # fixed cost of one traced pass on CPU (measured: 5-10 ms)
@@ -140,7 +142,7 @@ def _fast_path_ok(lm, patches: list[Patch]) -> bool:
 def _choose_blocks(lm, cells_lp: list[tuple[int, int]], n_pos: int) -> tuple[int, int]:
     """Pick (layer block, position chunk) minimising a simple cost model: a fixed cost per
     traced pass plus FLOPs for the rows x positions x layers it runs, with small batches
-    (fewer than ~64 token rows per matmul) charged extra for their poor efficiency."""
+    (a few dozen token rows per matmul) charged extra for their poor efficiency on CPU."""
     if LAYER_BLOCK and POS_CHUNK:
         return LAYER_BLOCK, POS_CHUNK
     n_layers = lm.arch.n_layers
