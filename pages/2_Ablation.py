@@ -17,13 +17,30 @@ c1, c2, c3 = st.columns([3, 1, 1])
 default_targets = state.page_param("targets", f"L{lm.arch.n_layers // 2} attn")
 text = c1.text_input("Targets (heads L3H1 or 3.1; layers attn2, mlp2, resid2)", value=default_targets)
 method = c2.selectbox("Method", METHODS, index=METHODS.index(state.page_param("method", "zero", METHODS)))
-positions = c3.selectbox("Positions", ["all", "last"], index=["all", "last"].index(state.page_param("positions", "all", ["all", "last"])))
-state.sync_url({"targets": text, "method": method, "positions": positions})
+position_modes = ["all", "last", "chosen"]
+mode = c3.selectbox("Positions", position_modes, index=position_modes.index(state.page_param("positions", "all", position_modes)))
+positions = mode
+if mode == "chosen":
+    labels = tp.position_labels()
+    picked = st.multiselect("Ablate at these positions (clean-run positions; the corrupted run uses the same indices)",
+                            list(range(tp.n_pos)), default=tp.differing_positions or [tp.n_pos - 1],
+                            format_func=lambda p: labels[p])
+    if not picked:
+        st.info("Pick at least one position.")
+        st.stop()
+    positions = picked
+state.sync_url({"targets": text, "method": method, "positions": mode})
 
 sets = widgets.bundled_prompt_sets()
-ref_name = st.selectbox("Reference set for mean / resample", [p.name for p in sets],
-                        help="Mean ablation uses the target's mean over the clean prompts of this set "
-                             "(all positions); resample draws a same-length prompt from it.") if method != "zero" else None
+ref_name = None
+if method != "zero":
+    # Default to the bundled set with the most prompts of this pair's token length (resample needs them).
+    same_length = [sum(len(lm.tokenizer(p.clean)["input_ids"]) == tp.n_pos for p in load_prompt_set(s).pairs)
+                   for s in sets]
+    ref_name = st.selectbox("Reference set for mean / resample", [p.name for p in sets],
+                            index=max(range(len(sets)), key=same_length.__getitem__),
+                            help="Mean ablation uses the target's mean over the clean prompts of this set "
+                                 "(all positions); resample draws a same-length prompt from it.")
 try:
     targets = parse_targets(text, lm.arch)
     reference = None

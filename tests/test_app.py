@@ -88,6 +88,7 @@ def test_patching_page_head_set_and_url_settings(demo_model):
 @pytest.mark.parametrize("name, query", [
     ("pages/2_Ablation.py", {"targets": "L1 attn, 2.3", "method": "zero"}),
     ("pages/2_Ablation.py", {"targets": "L1 attn", "method": "mean"}),
+    ("pages/2_Ablation.py", {"targets": "L1H3, mlp2", "method": "resample", "positions": "chosen"}),
     ("pages/3_Attribution.py", {}),
     ("pages/4_DLA.py", {"layer": "2", "head": "1"}),
     ("pages/4_DLA.py", {"run": "corrupted"}),
