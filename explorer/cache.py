@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import OrderedDict
 
 import torch
@@ -15,6 +16,7 @@ from explorer import engine
 from explorer.runtime import cache_dir
 
 _MEMORY: OrderedDict[str, dict] = OrderedDict()
+_MEMO_LOCK = threading.Lock()
 MEMORY_ENTRIES = 64
 
 
@@ -36,10 +38,11 @@ def get_activations(lm, token_ids, reads: list[tuple[str, int]], use_disk: bool 
 
     reads = sorted(set(reads))
     key = cache_key(lm, token_ids, reads)
-    if key in _MEMORY:
-        _MEMORY.move_to_end(key)
-        hit = _MEMORY[key]
-        return hit["logits"], hit["acts"]
+    with _MEMO_LOCK:  # Streamlit sessions share these dicts from several threads
+        hit = _MEMORY.get(key)
+        if hit is not None:
+            _MEMORY.move_to_end(key)
+            return hit["logits"], hit["acts"]
     path = _disk_path(key) if use_disk else None
     if path is not None and path.is_file():
         flat = load_file(str(path))
@@ -54,15 +57,17 @@ def get_activations(lm, token_ids, reads: list[tuple[str, int]], use_disk: bool 
             flat = {f"{s}:{l}": t for (s, l), t in acts.items()}
             flat["logits"] = entry["logits"].contiguous()
             save_file(flat, str(path))
-    _MEMORY[key] = entry
-    while len(_MEMORY) > MEMORY_ENTRIES:
-        _MEMORY.popitem(last=False)
+    with _MEMO_LOCK:
+        _MEMORY[key] = entry
+        while len(_MEMORY) > MEMORY_ENTRIES:
+            _MEMORY.popitem(last=False)
     return entry["logits"], entry["acts"]
 
 
 def clear_memory() -> None:
-    _MEMORY.clear()
-    _RESULTS.clear()
+    with _MEMO_LOCK:
+        _MEMORY.clear()
+        _RESULTS.clear()
 
 
 # ---- results: arrays of numbers computed from a pair and a spec, cached the same way ----
@@ -79,13 +84,16 @@ def result_key(lm, tp, spec, direction: str) -> str:
 def load_result(key: str):
     import numpy as np
 
-    if key in _RESULTS:
-        _RESULTS.move_to_end(key)
-        return _RESULTS[key].copy()
+    with _MEMO_LOCK:
+        hit = _RESULTS.get(key)
+        if hit is not None:
+            _RESULTS.move_to_end(key)
+            return hit.copy()
     path = cache_dir() / "results" / f"{key}.npy"
     if path.is_file():
         arr = np.load(path, allow_pickle=False)
-        _RESULTS[key] = arr
+        with _MEMO_LOCK:
+            _RESULTS[key] = arr
         return arr.copy()
     return None
 
@@ -96,6 +104,7 @@ def save_result(key: str, values) -> None:
     folder = cache_dir() / "results"
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / f"{key}.npy", np.asarray(values), allow_pickle=False)
-    _RESULTS[key] = np.asarray(values).copy()
-    while len(_RESULTS) > 256:
-        _RESULTS.popitem(last=False)
+    with _MEMO_LOCK:
+        _RESULTS[key] = np.asarray(values).copy()
+        while len(_RESULTS) > 256:
+            _RESULTS.popitem(last=False)

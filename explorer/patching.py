@@ -165,14 +165,16 @@ def _choose_blocks(lm, cells_lp: list[tuple[int, int]], n_pos: int) -> tuple[int
 def _target_kv(lm, ids: tuple):
     """The target run's key/value cache (memoised per model and prompt)."""
     key = (lm.identity, ids)
-    if key not in _KV_MEMO:
+    kv = _KV_MEMO.get(key)  # other sessions may replace the memo at any time: keep a local reference
+    if kv is None:
         with lm.lock, torch.no_grad():
             with lm.nn.trace(torch.tensor([list(ids)], device=lm.device), use_cache=True, logits_to_keep=1):
                 out = lm.nn.output.save()
         lm.forward_calls += 1
+        kv = out.past_key_values
         _KV_MEMO.clear()  # one prompt's cache at a time is enough for a sweep
-        _KV_MEMO[key] = out.past_key_values
-    return _KV_MEMO[key]
+        _KV_MEMO[key] = kv
+    return kv
 
 
 def _prefix_cache(full, p0: int, rows: int):

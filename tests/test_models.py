@@ -65,3 +65,32 @@ def test_bfloat16_load(tiny_model, tmp_path):
     assert lm.torch_model.dtype == torch.bfloat16 and lm.identity.endswith("bfloat16|cpu")
     logits, _ = engine.run(lm, torch.tensor([[3, 4, 5]]))
     assert logits.dtype == torch.float32
+
+
+def test_concurrent_patch_sweeps_share_caches_safely(demo_model):
+    """Several sessions sweeping different pairs at once get the numbers a lone session gets."""
+    from explorer import cache, patching
+    from explorer.prompts import load_prompt_set, tokenize_pair
+    from explorer.runtime import REPO_ROOT
+    pairs = load_prompt_set(REPO_ROOT / "prompts" / "demo_induction.jsonl").pairs[:6]
+    tps = [tokenize_pair(demo_model.tokenizer, p) for p in pairs]
+    patches = [[(patching.Cell("resid_pre", l, p),) for l in range(demo_model.arch.n_layers) for p in range(tp.n_pos)]
+               for tp in tps]
+    alone = [patching.patched_logit_diffs(demo_model, tp, ps, fast=False) for tp, ps in zip(tps, patches)]
+    cache.clear_memory()
+    got, errors = [None] * len(tps), []
+
+    def work(i):
+        try:
+            got[i] = patching._fast_lds(demo_model, tps[i], patches[i], "denoise")
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(tps))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for a, b in zip(alone, got):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=2e-5, rtol=0)
