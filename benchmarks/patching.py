@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from explorer import cache, engine, patching  # noqa: E402
+from explorer.baseline import pair_lds  # noqa: E402
 from explorer.models import load_model  # noqa: E402
 from explorer.prompts import PromptPair, tokenize_pair  # noqa: E402
 
@@ -73,10 +74,7 @@ def timed(fn, repeat: int):
 
 
 def recovery(lds, tp, lm):
-    clean, _ = engine.run(lm, torch.tensor([list(tp.clean_ids)]))
-    corr, _ = engine.run(lm, torch.tensor([list(tp.corrupted_ids)]))
-    a, b = tp.clean_answer_id, tp.corrupted_answer_id
-    ld_clean, ld_corr = float(clean[0, a] - clean[0, b]), float(corr[0, a] - corr[0, b])
+    ld_clean, ld_corr = pair_lds(lm, tp)
     return (np.asarray(lds) - ld_corr) / (ld_clean - ld_corr)
 
 
@@ -179,16 +177,8 @@ def main(argv=None):
             rec_a, rec_c = recovery(lds_a, tp, lm), recovery(lds_c, tp, lm)
             t_b, err_b = float("nan"), float("nan")
             if tl is not None:
-                t_b, rec_b = timed(lambda: tl_sweep(tl, tp, kind), 1)
-                rec_b = np.asarray(rec_b)
-                ld = recovery(np.zeros(1), tp, lm)  # normaliser reused below
-                clean, _ = engine.run(lm, torch.tensor([list(tp.clean_ids)]))
-                corr, _ = engine.run(lm, torch.tensor([list(tp.corrupted_ids)]))
-                a, b = tp.clean_answer_id, tp.corrupted_answer_id
-                span = float(clean[0, a] - clean[0, b]) - float(corr[0, a] - corr[0, b])
-                rec_b = (rec_b - float(corr[0, a] - corr[0, b])) / span
-                err_b = float(np.abs(rec_b - rec_a).max())
-                del ld
+                t_b, lds_b = timed(lambda: tl_sweep(tl, tp, kind), 1)
+                err_b = float(np.abs(recovery(lds_b, tp, lm) - rec_a).max())  # TL returns patched LDs
             rows.append({"model": name, "sweep": kind, "patches": len(patches), "a": t_a, "b": t_b, "c": t_c, "d": t_d,
                          "err_c": float(np.abs(rec_c - rec_a).max()), "err_b": err_b})
             r = rows[-1]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from explorer.baseline import run_logits
+from explorer.baseline import pair_lds
 from explorer.cache import get_activations
 from explorer.errors import ExplorerInputError
 from explorer.prompts import TokenizedPair
@@ -62,13 +62,9 @@ def attribution_patching(lm, tp: TokenizedPair, sites=ATTR_SITES) -> Attribution
     order = {s: i for i, s in enumerate(("resid_pre", "head_out", "attn_out", "mlp_out"))}
     reads = sorted(((s, l) for l in range(L) for s in sites), key=lambda r: (r[1], order[r[0]]))
     _, clean = get_activations(lm, tp.clean_ids, reads)
-    clean_logits, corr_logits = run_logits(lm, tp)
-    a, b = tp.clean_answer_id, tp.corrupted_answer_id
-    ld_clean = float(clean_logits[a] - clean_logits[b])
-    ld_corr = float(corr_logits[a] - corr_logits[b])
+    ld_clean, ld_corr = pair_lds(lm, tp, require_span=True)
     span = ld_clean - ld_corr
-    if abs(span) < 1e-6:
-        raise ExplorerInputError("LD_clean equals LD_corr, so the estimate cannot be normalised.")
+    a, b = tp.clean_answer_id, tp.corrupted_answer_id
     ids = torch.tensor([list(tp.corrupted_ids)], device=lm.device)
     with lm.lock, torch.enable_grad():
         with lm.nn.trace(ids):

@@ -7,7 +7,8 @@ import pandas as pd
 import torch
 
 from explorer.cache import get_activations
-from explorer.metrics import LD_FORMULA
+from explorer.errors import ExplorerInputError
+from explorer.metrics import LD_FORMULA, logit_diff
 from explorer.prompts import PromptPair, TokenizedPair, show_token, tokenize_pair
 
 
@@ -35,6 +36,18 @@ def run_logits(lm, tp: TokenizedPair) -> tuple[torch.Tensor, torch.Tensor]:
     clean, _ = get_activations(lm, tp.clean_ids, [])
     corrupted, _ = get_activations(lm, tp.corrupted_ids, [])
     return clean, corrupted
+
+
+def pair_lds(lm, tp: TokenizedPair, require_span: bool = False) -> tuple[float, float]:
+    """(LD_clean, LD_corr) of the cached runs. Recovery, damage and attribution estimates divide by
+    LD_clean - LD_corr, so with require_span equal values are an error the user can act on."""
+    clean, corrupted = run_logits(lm, tp)
+    ld_clean, ld_corr = (float(logit_diff(x[None], tp.clean_answer_id, tp.corrupted_answer_id)[0])
+                         for x in (clean, corrupted))
+    if require_span and abs(ld_clean - ld_corr) < 1e-6:
+        raise ExplorerInputError("The clean and corrupted runs have the same logit difference, so recovery is "
+                                 "undefined; pick a pair whose answers differ in the model's preference.")
+    return ld_clean, ld_corr
 
 
 def baseline(lm, pair: PromptPair | TokenizedPair, top_k: int = 10) -> BaselineResult:

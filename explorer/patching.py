@@ -16,7 +16,7 @@ import torch
 
 from explorer import engine
 from explorer.adapters import LINEAR, canonical_site
-from explorer.baseline import run_logits
+from explorer.baseline import pair_lds
 from explorer.cache import get_activations, load_result, result_key, save_result
 from explorer.errors import ExplorerInputError
 from explorer.metrics import metric_formula, metric_name, patch_effect
@@ -276,12 +276,7 @@ def patched_logit_diffs(lm, tp: TokenizedPair, patches: list[Patch], direction: 
 def run_patches(lm, tp: TokenizedPair, patches: list[Patch], labels: list[dict], site: str, positions: str,
                 direction: str = "denoise", progress=None) -> PatchResult:
     """The generic routine: patch, then tabulate with the metric and the differing-token flag."""
-    ld_clean_t, ld_corr_t = run_logits(lm, tp)
-    ld_clean = float(ld_clean_t[tp.clean_answer_id] - ld_clean_t[tp.corrupted_answer_id])
-    ld_corr = float(ld_corr_t[tp.clean_answer_id] - ld_corr_t[tp.corrupted_answer_id])
-    if abs(ld_clean - ld_corr) < 1e-6:
-        raise ExplorerInputError("The clean and corrupted runs have the same logit difference, so recovery is "
-                                 "undefined; pick a pair whose answers differ in the model's preference.")
+    ld_clean, ld_corr = pair_lds(lm, tp, require_span=True)
     lds = patched_logit_diffs(lm, tp, patches, direction, progress)
     frame = pd.DataFrame(labels)
     frame["ld_patched"] = lds

@@ -18,7 +18,7 @@ import torch
 
 from explorer import engine
 from explorer.adapters import get_path
-from explorer.baseline import run_logits
+from explorer.baseline import pair_lds
 from explorer.cache import get_activations
 from explorer.dla import head_contributions
 from explorer.errors import ExplorerInputError
@@ -82,9 +82,7 @@ def path_patch(lm, tp: TokenizedPair, receiver: tuple, senders: list[tuple[int, 
         logits, _ = engine.run(lm, torch.tensor([list(tp.corrupted_ids)]).expand(n, -1), [iv],
                                skip_layers=layer, skip_value=skip_value)
     lds = (logits[:, a] - logits[:, b]).numpy()
-    clean_logits, corr_logits = run_logits(lm, tp)
-    ld_clean = float(clean_logits[a] - clean_logits[b])
-    ld_corr = float(corr_logits[a] - corr_logits[b])
+    ld_clean, ld_corr = pair_lds(lm, tp, require_span=True)
     frame = pd.DataFrame([{"layer": l, "head": h, "head_label": arch.head_label(l, h)} for l, h in senders])
     frame["ld_patched"] = lds
     frame["recovery"] = patch_effect(np.asarray(lds), ld_clean, ld_corr, "denoise")
