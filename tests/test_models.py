@@ -10,25 +10,31 @@ from explorer.models import load_model
 from explorer.runtime import configure_threads, pick_device, pick_dtype
 
 
-def test_concurrent_traces_through_the_lock(demo_model):
-    """Streamlit serves sessions from threads; traces on the shared model must not collide."""
-    ids = [torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    expected = [engine.run(demo_model, x)[0] for x in ids]
-    results, errors = [None] * len(ids), []
+def run_concurrently(task, n: int) -> list:
+    """task(i) for i < n, each in its own thread at once; returns the results, raises the first error."""
+    results, errors = [None] * n, []
 
     def work(i):
         try:
-            for _ in range(3):
-                results[i] = engine.run(demo_model, ids[i])[0]
-        except Exception as exc:  # collected and asserted below
+            results[i] = task(i)
+        except Exception as exc:  # re-raised below, in the test's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(ids))]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_concurrent_traces_through_the_lock(demo_model):
+    """Streamlit serves sessions from threads; traces on the shared model must not collide."""
+    ids = [torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    expected = [engine.run(demo_model, x)[0] for x in ids]
+    results = run_concurrently(lambda i: [engine.run(demo_model, ids[i])[0] for _ in range(3)][-1], len(ids))
     for got, want in zip(results, expected):
         torch.testing.assert_close(got, want)
 
@@ -78,19 +84,6 @@ def test_concurrent_patch_sweeps_share_caches_safely(demo_model):
                for tp in tps]
     alone = [patching.patched_logit_diffs(demo_model, tp, ps, fast=False) for tp, ps in zip(tps, patches)]
     cache.clear_memory()
-    got, errors = [None] * len(tps), []
-
-    def work(i):
-        try:
-            got[i] = patching._fast_lds(demo_model, tps[i], patches[i], "denoise")
-        except Exception as exc:  # collected and asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(tps))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    got = run_concurrently(lambda i: patching._fast_lds(demo_model, tps[i], patches[i], "denoise"), len(tps))
     for a, b in zip(alone, got):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=2e-5, rtol=0)
