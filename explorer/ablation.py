@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from explorer import __version__, engine
+from explorer.adapters import HEAD_LABEL
 from explorer.cache import get_activations
 from explorer.dataset import pair_baselines
 from explorer.errors import ExplorerInputError
@@ -44,22 +45,19 @@ class Target:
         return f"L{self.layer} {self.kind}"
 
 
-_PATTERNS = [
-    (re.compile(r"^(?:linl|l)?(\d+)\s*(?:h|\.)\s*(\d+)$"), "head"),
-    (re.compile(r"^(?:l(\d+)\s*)?(attn|mlp|resid)\s*(\d+)?$"), None),
-]
+_LAYER = re.compile(r"^(?:l(\d+)\s*)?(attn|mlp|resid)\s*(\d+)?$")  # attn2, L2 attn
 
 
 def parse_targets(text: str, arch) -> list[Target]:
     """'L3H1, 2.0, attn2, mlp1, resid3' -> targets, each checked against the model."""
     out = []
     for raw in filter(None, (p.strip().lower() for p in text.split(","))):
-        m = _PATTERNS[0][0].match(raw)
+        m = HEAD_LABEL.match(raw)
         if m:
             t = Target("head", int(m.group(1)), int(m.group(2)))
             arch.check_head(t.layer, t.head)
         else:
-            m = _PATTERNS[1][0].match(raw)
+            m = _LAYER.match(raw)
             layer = (m.group(1) or m.group(3)) if m else None
             if not m or layer is None:
                 raise ExplorerInputError(f"Cannot read target {raw!r}: write heads as L3H1 or 3.1, layers as attn2, "
@@ -141,7 +139,8 @@ def _interventions(rows_targets: list[list[Target]], method: str, positions, n_p
             if method == "zero":
                 full = None
             elif method == "mean":
-                full = reference.mean(t).expand(n_pos, *reference.mean(t).shape)
+                mean = reference.mean(t)
+                full = mean.expand(n_pos, *mean.shape)
             else:
                 full = reference.resample(t, n_pos, ids, draw_base + row)
             for p in (pos if pos is not None else [None]):

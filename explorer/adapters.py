@@ -6,6 +6,7 @@ head_out, attn_pattern. nnterp's names are accepted as aliases.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from explorer.errors import ExplorerInputError
@@ -25,6 +26,8 @@ SITE_ALIASES = {
     "hook_pattern": "attn_pattern", "pattern": "attn_pattern",
 }
 SOFTMAX, LINEAR = "softmax_attention", "linear_attention"
+# How users write a head: L3H1, 3.1 or LinL0H2 (lower-cased before matching).
+HEAD_LABEL = re.compile(r"^(?:linl|l)?(\d+)\s*(?:h|\.)\s*(\d+)$")
 
 
 def canonical_site(name: str) -> str:

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from explorer import engine
-from explorer.adapters import LINEAR, canonical_site
+from explorer.adapters import HEAD_LABEL, LINEAR, canonical_site
 from explorer.baseline import pair_lds
 from explorer.cache import get_activations, load_result, result_key, save_result
 from explorer.errors import ExplorerInputError
@@ -346,11 +346,10 @@ def parse_heads(text: str, arch) -> list[tuple[int, int]]:
     """'12.4, 12.9' or 'L12H4,L12H9' -> [(12, 4), (12, 9)], validated against the model."""
     heads = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        cleaned = part.upper().replace("LINL", "").replace("L", "").replace("H", ".")
-        try:
-            layer, head = (int(x) for x in cleaned.split("."))
-        except ValueError:
-            raise ExplorerInputError(f"Cannot read head {part!r}; write LAYER.HEAD like 12.4 or L12H4.") from None
+        m = HEAD_LABEL.match(part.lower())
+        if not m:
+            raise ExplorerInputError(f"Cannot read head {part!r}; write LAYER.HEAD like 12.4 or L12H4.")
+        layer, head = int(m.group(1)), int(m.group(2))
         arch.check_head(layer, head)
         heads.append((layer, head))
     if not heads:
