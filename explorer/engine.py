@@ -7,12 +7,17 @@ order the model computes them, which nnsight requires.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from explorer.adapters import SITE_ORDER, get_path
 from explorer.errors import ExplorerInputError
+
+
+# transformers 5.24 renames past_key_values to `cache`, a keyword nnsight's trace keeps for itself.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 
 @dataclass
@@ -60,7 +65,8 @@ def _write(x: torch.Tensor, iv: Intervention, n_heads: int) -> None:
 
 def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), reads: list[tuple[str, int]] = (),
         all_logits: bool = False, skip_layers: int = 0, skip_value: torch.Tensor | None = None,
-        past_key_values=None) -> tuple[torch.Tensor, dict]:
+        past_key_values=None, keep: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None, return_cache: bool = False, answers: tuple[int, ...] | None = None):
     """One traced forward pass. Returns (logits [batch, vocab] at the last position, reads).
 
     reads maps (site, layer) -> tensor [batch, pos, ...]; head_out is [batch, pos, head, d_head],
@@ -68,6 +74,11 @@ def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), rea
     skip_layers > 0 skips layers 0..skip_layers-1, feeding `skip_value` [batch, pos, d_model] to
     layer skip_layers as its input (work a patch cannot change). past_key_values: a cache of
     earlier positions, so input_ids hold only the later positions.
+    keep: sequence indices whose logits to return ([batch, len(keep), vocab]) instead of the last
+    position's. attention_mask (4D, additive) and position_ids pass through to the model (packed rows).
+    return_cache: also return the key/value cache of this pass as a third value.
+    answers: token ids; the logits returned are those ids' only ([..., len(answers)]), and the
+    unembedding multiplies by just their rows (with a large vocabulary it is most of a short pass).
     """
     arch, sites = lm.arch, lm.sites
     for site, layer in reads:
@@ -89,9 +100,15 @@ def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), rea
         steps[key] = (s, l, ivs, True)
     input_ids = input_ids.to(lm.device)
     saved = {}
-    kwargs = {} if all_logits else {"logits_to_keep": 1}
-    if past_key_values is not None:
+    kwargs = {} if all_logits else {"logits_to_keep": 1 if keep is None else keep.to(lm.device)}
+    if past_key_values is not None:  # not `cache=`: nnsight's trace takes that keyword for itself
         kwargs["past_key_values"] = past_key_values
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask.to(lm.device)
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids.to(lm.device)
+    if return_cache:
+        kwargs["use_cache"] = True
     with lm.lock, torch.no_grad():
         with lm.nn.trace(input_ids, **kwargs):
             root = lm.nn
@@ -123,8 +140,17 @@ def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), rea
                         saved[(site, layer)] = x.view(x.shape[0], x.shape[1], n_heads, -1).clone().save()
                     else:
                         saved[(site, layer)] = x.clone().save()
-            logits = lm.nn.output.logits.save()
+            if answers is not None:
+                unembed = sites.unembed(lm.torch_model)
+                bias = getattr(unembed, "bias", None)
+                head = sites.unembed(root)
+                head.skip(torch.nn.functional.linear(head.input, unembed.weight[list(answers)],
+                                                     None if bias is None else bias[list(answers)]))
+            output = lm.nn.output.save()
     lm.forward_calls += 1
-    logits = logits if all_logits else logits[:, -1, :]
+    logits = output.logits if all_logits or keep is not None else output.logits[:, -1, :]
     # Half precision is widened for the metric; float64 (numerical checks) is kept as it is.
-    return (logits if logits.dtype == torch.float64 else logits.float()), dict(saved)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    if return_cache:
+        return logits, dict(saved), output.past_key_values
+    return logits, dict(saved)

@@ -121,120 +121,209 @@ def _interventions(patches: list[Patch], source: dict, source_len: int, target_l
     return out
 
 
-# Fast path for sweeps of single-cell patches (one position, the last, or all positions). A patch at
-# (layer l, position p) cannot change layers before l or positions before p, so rows patched at
-# layers [r, r+LAYER_BLOCK) and positions [p0, p0+POS_CHUNK) share one pass that skips layers < r
-# (fed the cached target residual) and reuses the target run's keys/values for positions < p0.
-# Logits: last position only. Multi-cell patches (head sets) take the plain batched path below,
-# which is also the reference the fast path is tested against.
-LAYER_BLOCK = None  # None: chosen per sweep by _choose_blocks; an int forces a block size (tests)
-POS_CHUNK = None
+# Fast path for sweeps of single-cell patches (one position, the last, or all positions). A patch cannot
+# change what it does not touch: the layers before its layer, the positions before the first position
+# where the value it writes differs from the value already there, and nothing at all when the two are
+# equal bit for bit (positions before the first differing token, in a pair of equal length). So:
+#  - an unchanged patch is not run: its LD is the target run's;
+#  - the others are packed end to end into one sequence per pass, row i holding only its positions
+#    first_i..n-1; a 4D attention mask lets each packed token see the target run's cached keys/values
+#    before first_i and its own row's earlier tokens, and position ids carry the real positions;
+#  - a pass starts at a layer: the layers before it are skipped (fed the cached target residual), and
+#    passes cover contiguous layer blocks chosen by a cost model (fixed cost per pass + FLOPs);
+#  - logits are computed only at each row's last token, without autograd.
+# Models with recurrent (linear-attention) layers or a sliding window shorter than the prompt cannot mix
+# rows in one sequence: their rows are batched at full length instead (layer skipping still applies).
+# Multi-cell patches (head sets) take the plain batched path below, the reference the fast path is
+# tested against.
+LAYER_BLOCK = None  # None: blocks chosen by _layer_blocks; an int forces a block size (tests)
+PACK_TOKENS = 1024  # packed tokens per pass (the attention scores grow with its square)
 TRACE_OVERHEAD_S = 0.006  # fixed cost of one traced pass on CPU (measured: 5-10 ms)
 FLOPS_PER_S = 4e10  # one CPU thread, fp32 matmuls
 SMALL_BATCH_TOKENS = 32  # a pass over n token rows costs about (1 + this / n) times its FLOPs
-_KV_MEMO: dict = {}
+_PAIR_MEMO: dict = {}
 
 
-def _fast_path_ok(lm, patches: list[Patch]) -> bool:
-    return all(len(p) == 1 for p in patches)
+@dataclass
+class _Row:
+    index: int  # position in the patch list
+    cell: Cell
+    first: int  # first target position whose value the patch changes
+    positions: list[int]  # target positions written
+    values: torch.Tensor  # [len(positions), ...] the source values written there
 
 
-def _choose_blocks(lm, cells_lp: list[tuple[int, int]], n_pos: int) -> tuple[int, int]:
-    """Pick (layer block, position chunk) minimising a simple cost model: a fixed cost per
-    traced pass plus FLOPs for the rows x positions x layers it runs, with small batches
-    (a few dozen token rows per matmul) charged extra for their poor efficiency on CPU."""
-    if LAYER_BLOCK and POS_CHUNK:
-        return LAYER_BLOCK, POS_CHUNK
-    n_layers = lm.arch.n_layers
-    per_token_layer = 2 * sum(p.numel() for p in lm.sites.layer(lm.torch_model, 0).parameters()) / FLOPS_PER_S
-    best = None
-    for lb in sorted({1, 2, 3, 4, 6, 8, n_layers}):
-        for pc in sorted({1, 2, 3, 4, 6, 8, n_pos}):
-            groups: dict = {}
-            for layer, pos in cells_lp:
-                groups.setdefault((layer // lb * lb, pos // pc * pc), []).append(1)
-            cost = 0.0
-            for (start, p0), members in groups.items():
-                tokens = len(members) * (n_pos - p0)
-                cost += TRACE_OVERHEAD_S + per_token_layer * tokens * (n_layers - start) * (1 + SMALL_BATCH_TOKENS / tokens)
-            if best is None or cost < best[0]:
-                best = (cost, lb, pc)
-    return best[1], best[2]
+def _packable(lm, n_pos: int) -> bool:
+    if any(info.kind == LINEAR for info in lm.arch.layers_info):
+        return False  # a recurrent state would run through every row of a packed sequence
+    window = getattr(lm.torch_model.config, "sliding_window", None)
+    return not window or n_pos <= window  # a custom mask replaces the sliding-window mask
 
 
-def _target_kv(lm, ids: tuple):
-    """The target run's key/value cache (memoised per model and prompt)."""
-    key = (lm.identity, ids)
-    kv = _KV_MEMO.get(key)  # other sessions may replace the memo at any time: keep a local reference
-    if kv is None:
-        with lm.lock, torch.no_grad():
-            with lm.nn.trace(torch.tensor([list(ids)], device=lm.device), use_cache=True, logits_to_keep=1):
-                out = lm.nn.output.save()
-        lm.forward_calls += 1
-        kv = out.past_key_values
-        _KV_MEMO.clear()  # one prompt's cache at a time is enough for a sweep
-        _KV_MEMO[key] = kv
-    return kv
+def _pair_state(lm, src_ids: tuple, tgt_ids: tuple, reads: list[tuple[str, int]], want_cache: bool):
+    """Source activations, target activations, target logits [vocab] and the target's key/value cache
+    (a list of (keys, values) per layer), from one pass over both prompts when their lengths match."""
+    key = (lm.identity, src_ids, tgt_ids, tuple(reads), want_cache)
+    hit = _PAIR_MEMO.get(key)  # other sessions may replace the memo at any time: keep a local reference
+    if hit is not None:
+        return hit
+    same = len(src_ids) == len(tgt_ids)
+    ids = torch.tensor([list(src_ids), list(tgt_ids)] if same else [list(tgt_ids)])
+    out = engine.run(lm, ids, reads=reads, return_cache=want_cache)
+    logits, saved, row = out[0], out[1], 1 if same else 0
+    target = {k: v[row] for k, v in saved.items()}
+    source = {k: v[0] for k, v in saved.items()} if same else get_activations(lm, src_ids, reads)[1]
+    kv = [(layer.keys[row:row + 1], layer.values[row:row + 1]) for layer in out[2].layers] if want_cache else None
+    hit = (source, target, logits[row], kv)
+    _PAIR_MEMO.clear()  # one pair at a time is enough for a sweep
+    _PAIR_MEMO[key] = hit
+    return hit
 
 
-def _prefix_cache(full, p0: int, rows: int):
-    from transformers import DynamicCache
-    cache = DynamicCache()
-    for index, layer in enumerate(full.layers):
-        cache.update(layer.keys[:, :, :p0].expand(rows, -1, -1, -1).contiguous(),
-                     layer.values[:, :, :p0].expand(rows, -1, -1, -1).contiguous(), index)
-    return cache
-
-
-def _fast_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progress=None) -> np.ndarray:
-    src_ids, tgt_ids = (tp.clean_ids, tp.corrupted_ids) if direction == "denoise" else (tp.corrupted_ids, tp.clean_ids)
-    n_layers, n_tgt, n_src = lm.arch.n_layers, len(tgt_ids), len(src_ids)
-    cells = [p[0] for p in patches]
-    tgt_pos = [n_tgt - 1 if c.pos == LAST else c.pos for c in cells]  # None: all positions
-    src_pos = [n_src - 1 if c.pos == LAST else c.pos for c in cells]
-    _, source = get_activations(lm, src_ids, sorted({(c.site, c.layer) for c in cells}))
-    reuse_prefix = all(info.kind != LINEAR for info in lm.arch.layers_info)  # recurrent state has no per-position cache
-    first = [0 if p is None or not reuse_prefix else p for p in tgt_pos]  # first position a patch can change
-    layer_block, pos_chunk = _choose_blocks(lm, [(c.layer, f) for c, f in zip(cells, first)], n_tgt)
-    groups: dict[tuple[int, int], list[int]] = {}
+def _rows(cells, source, target, n_src: int, n_tgt: int, trim: bool = True) -> list[_Row | None]:
+    """What each patch writes where, trimmed to the positions it changes (None: it changes nothing).
+    trim=False writes every patch in full (benchmarks and tests of the packing alone)."""
+    rows = []
     for i, cell in enumerate(cells):
-        groups.setdefault((cell.layer // layer_block * layer_block, first[i] // pos_chunk * pos_chunk), []).append(i)
-    out = np.empty(len(patches))
-    done = 0
-    target_ids = torch.tensor([list(tgt_ids)])
-    # The target's residuals and key/value cache cost a pass each: fetch them only if a group uses them.
-    target = None
-    if any(start > 0 for start, _ in groups):
-        _, target = get_activations(lm, tgt_ids, [("resid_post", l) for l in range(n_layers)])
-    full_kv = _target_kv(lm, tgt_ids) if any(p0 > 0 for _, p0 in groups) else None
-    chunks = []
-    for (start, p0), idx in sorted(groups.items()):  # bound rows x positions per pass (memory)
-        step = max(1, TOKEN_BUDGET // max(1, n_tgt - p0))
-        chunks += [((start, p0), idx[k:k + step]) for k in range(0, len(idx), step)]
-    for (start, p0), idx in chunks:
-        rows = len(idx)
-        by_kind: dict = {}
-        for row, i in enumerate(idx):
-            cell = cells[i]
-            every = tgt_pos[i] is None
-            g = by_kind.setdefault((cell.site, cell.layer, cell.head is not None, every), ([], [], [], []))
-            act = source[(cell.site, cell.layer)]  # [pos, ...]
-            act = act[p0:] if every else act[src_pos[i]]
-            g[0].append(row)
-            g[1].append(None if every else tgt_pos[i] - p0)
-            g[2].append(cell.head)
-            g[3].append(act if cell.head is None else act[..., cell.head, :])
-        ivs = [engine.Intervention(site, layer, torch.tensor(g[0]), None if every else torch.tensor(g[1]),
-                                   torch.stack(g[3]), torch.tensor(g[2]) if has_head else None)
-               for (site, layer, has_head, every), g in by_kind.items()]
-        skip_value = None
-        if start > 0:  # a fresh copy: patches at resid_pre[start] write into it in place
-            skip_value = target[("resid_post", start - 1)][p0:].unsqueeze(0).expand(rows, -1, -1).clone()
-        cache = _prefix_cache(full_kv, p0, rows) if p0 > 0 else None
-        logits, _ = engine.run(lm, target_ids[:, p0:].expand(rows, -1), ivs, skip_layers=start,
-                               skip_value=skip_value, past_key_values=cache)
-        out[idx] = (logits[:, tp.clean_answer_id] - logits[:, tp.corrupted_answer_id]).cpu().numpy()
-        done += rows
+        src, tgt = source[(cell.site, cell.layer)], target[(cell.site, cell.layer)]
+        if cell.head is not None:
+            src, tgt = src[:, cell.head], tgt[:, cell.head]
+        if cell.pos is None:  # all positions (equal lengths): write from the first that differs
+            differs = (src != tgt).reshape(n_tgt, -1).any(1).nonzero() if trim else torch.zeros(1, 1)
+            first = int(differs[0]) if len(differs) else None
+            rows.append(None if first is None else _Row(i, cell, first, list(range(first, n_tgt)), src[first:]))
+        else:
+            t_pos = n_tgt - 1 if cell.pos == LAST else cell.pos
+            value = src[n_src - 1 if cell.pos == LAST else cell.pos]
+            unchanged = trim and torch.equal(value, tgt[t_pos])
+            rows.append(None if unchanged else _Row(i, cell, t_pos, [t_pos], value[None]))
+    return rows
+
+
+def _layer_blocks(lm, rows: list[_Row], n_pos: int) -> list[list[_Row]]:
+    """Split the rows into passes over contiguous layer blocks [a, b), each starting at layer a,
+    minimising a cost model: a fixed cost per pass plus FLOPs for the tokens x layers it runs (small
+    batches charged extra for their poor matmul efficiency, packed passes for their attention)."""
+    n_layers = lm.arch.n_layers
+    by_layer = [[r for r in rows if r.cell.layer == layer] for layer in range(n_layers)]
+    if LAYER_BLOCK:
+        return [[r for rs in by_layer[a:a + LAYER_BLOCK] for r in rs] for a in range(0, n_layers, LAYER_BLOCK)]
+    per_token_layer = 2 * sum(p.numel() for p in lm.sites.layer(lm.torch_model, 0).parameters()) / FLOPS_PER_S
+    attn_per_pair = 4 * lm.arch.d_model / FLOPS_PER_S  # scores and weighted values, per query-key pair
+
+    def cost(a: int, tokens: float, uniform: bool) -> float:
+        if tokens == 0:
+            return 0.0
+        if uniform:  # a batch of rows of equal length
+            passes, attention = max(1.0, np.ceil(tokens / TOKEN_BUDGET)), attn_per_pair * tokens * n_pos
+        else:  # packed: every packed token is scored against the whole pass
+            passes = max(1.0, np.ceil(tokens / PACK_TOKENS))
+            attention = attn_per_pair * tokens * (n_pos + tokens / passes)
+        return passes * TRACE_OVERHEAD_S + (n_layers - a) * (per_token_layer * (tokens + passes * SMALL_BATCH_TOKENS)
+                                                             + attention)
+
+    best = [0.0] + [np.inf] * n_layers
+    cut = [0] * (n_layers + 1)
+    for b in range(1, n_layers + 1):
+        tokens, firsts = 0.0, set()
+        for a in range(b - 1, -1, -1):  # block [a, b)
+            tokens += sum(n_pos - r.first for r in by_layer[a])
+            firsts.update(r.first for r in by_layer[a])
+            c = best[a] + cost(a, tokens, len(firsts) <= 1)
+            if c < best[b]:
+                best[b], cut[b] = c, a
+    blocks, b = [], n_layers
+    while b > 0:
+        blocks.append([r for rs in by_layer[cut[b]:b] for r in rs])
+        b = cut[b]
+    return [blk for blk in reversed(blocks) if blk]
+
+
+def _chunks(block: list[_Row], n_pos: int) -> list[list[_Row]]:
+    """Bound the tokens of one pass (memory): packed tokens, or batch rows x positions."""
+    budget = PACK_TOKENS if len({r.first for r in block}) > 1 else TOKEN_BUDGET
+    out, current, used = [], [], 0
+    for row in block:
+        size = n_pos - row.first
+        if current and used + size > budget:
+            out.append(current)
+            current, used = [], 0
+        current.append(row)
+        used += size
+    return out + [current] if current else out
+
+
+def _run_pass(lm, chunk: list[_Row], tgt_ids: torch.Tensor, target: dict, full_kv, answers: tuple[int, int]
+              ) -> torch.Tensor:
+    """LD of each row of one pass (answers: the clean and corrupted answer ids). Rows that all start at one position form a batch over the shared
+    key/value prefix; rows that start at different positions are packed into one sequence."""
+    n_pos, n_rows = len(tgt_ids), len(chunk)
+    start = min(r.cell.layer for r in chunk)
+    n_past = max(r.first for r in chunk)
+    packed = len({r.first for r in chunk}) > 1
+    mask = position_ids = keep = None
+    if packed:  # row i occupies packed indices offset_i .. offset_i + n - first_i - 1
+        lengths = torch.tensor([n_pos - r.first for r in chunk])
+        offsets = torch.cumsum(lengths, 0) - lengths
+        positions = torch.cat([torch.arange(r.first, n_pos) for r in chunk])
+        owner = torch.repeat_interleave(torch.arange(n_rows), lengths)
+        sees_past = torch.arange(n_past)[None, :] < torch.tensor([r.first for r in chunk])[owner][:, None]
+        sees_row = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])
+        allowed = torch.cat([sees_past, sees_row], 1)
+        dtype = lm.torch_model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+        ids, keep, position_ids, batch = tgt_ids[positions][None], offsets + lengths - 1, positions[None], 1
+        where = lambda j, p: (0, int(offsets[j]) + p - chunk[j].first)
+    else:  # one batch row each, all starting at position n_past
+        positions = torch.arange(n_past, n_pos)
+        ids, batch = tgt_ids[n_past:].expand(n_rows, -1), n_rows
+        where = lambda j, p: (j, p - n_past)
+    cache = None
+    if n_past:
+        from transformers import DynamicCache
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(full_kv):
+            cache.update(keys[..., :n_past, :].expand(batch, -1, -1, -1).contiguous(),
+                         values[..., :n_past, :].expand(batch, -1, -1, -1).contiguous(), index)
+    groups: dict = {}
+    for j, row in enumerate(chunk):
+        g = groups.setdefault((row.cell.site, row.cell.layer, row.cell.head is not None), ([], [], [], []))
+        for p, value in zip(row.positions, row.values):
+            b, q = where(j, p)
+            g[0].append(b)
+            g[1].append(q)
+            g[2].append(row.cell.head)
+            g[3].append(value)
+    ivs = [engine.Intervention(site, layer, torch.tensor(g[0]), torch.tensor(g[1]), torch.stack(g[3]),
+                               torch.tensor(g[2]) if has_head else None)
+           for (site, layer, has_head), g in groups.items()]
+    skip_value = None
+    if start > 0:  # a fresh copy: patches at resid_pre[start] write into it in place
+        skip_value = target[("resid_post", start - 1)][positions][None].expand(batch, -1, -1).clone()
+    logits, _ = engine.run(lm, ids, ivs, skip_layers=start, skip_value=skip_value, past_key_values=cache, keep=keep,
+                           attention_mask=mask, position_ids=position_ids, answers=answers)
+    logits = logits[0] if packed else logits
+    return logits[:, 0] - logits[:, 1]
+
+
+def _fast_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progress=None,
+              trim: bool = True) -> np.ndarray:
+    src_ids, tgt_ids = (tp.clean_ids, tp.corrupted_ids) if direction == "denoise" else (tp.corrupted_ids, tp.clean_ids)
+    n_layers, n_tgt = lm.arch.n_layers, len(tgt_ids)
+    cells = [p[0] for p in patches]
+    packed = _packable(lm, n_tgt)
+    reads = sorted({(c.site, c.layer) for c in cells} | {("resid_post", l) for l in range(n_layers - 1)})
+    source, target, tgt_logits, full_kv = _pair_state(lm, tuple(src_ids), tuple(tgt_ids), reads, packed)
+    a, b = tp.clean_answer_id, tp.corrupted_answer_id
+    out = np.full(len(patches), float(tgt_logits[a] - tgt_logits[b]))  # unchanged patches: the target's LD
+    todo = [r for r in _rows(cells, source, target, len(src_ids), n_tgt, trim) if r is not None]
+    if not packed:
+        todo = [_Row(r.index, r.cell, 0, r.positions, r.values) for r in todo]
+    chunks = [c for block in _layer_blocks(lm, todo, n_tgt) for c in _chunks(block, n_tgt)]
+    ids, done = torch.tensor(list(tgt_ids)), len(patches) - len(todo)
+    for chunk in chunks:
+        out[[r.index for r in chunk]] = _run_pass(lm, chunk, ids, target, full_kv, (a, b)).cpu().numpy()
+        done += len(chunk)
         if progress:
             progress(done / len(patches), f"{done}/{len(patches)} patches")
     return out
@@ -251,7 +340,7 @@ def patched_logit_diffs(lm, tp: TokenizedPair, patches: list[Patch], direction: 
         if progress:
             progress(1.0, f"{len(patches)} patches (cached)")
         return hit
-    if fast and _fast_path_ok(lm, patches):
+    if fast and all(len(p) == 1 for p in patches):
         out = _fast_lds(lm, tp, patches, direction, progress)
         save_result(key, out)
         return out

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from explorer.baseline import pair_lds
 from explorer.errors import ExplorerInputError
 from explorer.patching import LAST, Cell, head_set_patch, head_sweep, patch_sweep, patched_logit_diffs
 from explorer.prompts import PromptPair, tokenize_pair
@@ -176,12 +177,17 @@ def test_chunking_gives_same_numbers(tiny_model, monkeypatch):
     np.testing.assert_allclose(full, chunked, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2", "qwen3_5"])
-def test_fast_path_equals_full_batched_path(tiny_model, family, monkeypatch):
-    """Layer skipping and key/value prefix reuse change no number (small blocks: many groups)."""
+FAST_FAMILIES = ["llama", "gpt2", "gpt_neox", "gemma2", "gemma3", "qwen2", "qwen3", "mistral", "qwen3_5"]
+
+
+@pytest.mark.parametrize("trim", [True, False])
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_fast_path_equals_full_batched_path(tiny_model, family, trim, monkeypatch):
+    """Layer skipping, packed rows over the target's key/value prefix and skipping unchanged patches
+    change no number (small blocks and passes: many of them)."""
     import explorer.patching as patching
     monkeypatch.setattr(patching, "LAYER_BLOCK", 1)
-    monkeypatch.setattr(patching, "POS_CHUNK", 2)
+    monkeypatch.setattr(patching, "PACK_TOKENS", 9)
     lm = tiny_model(family)
     tp = tokenize_pair(lm.tokenizer, PAIR)
     patches = [(Cell(site, l, p),) for site in ("resid_pre", "resid_post", "attn_out", "mlp_out")
@@ -190,7 +196,7 @@ def test_fast_path_equals_full_batched_path(tiny_model, family, monkeypatch):
     patches += [(Cell("resid_pre", 1, LAST),), (Cell("head_out", 0, LAST, 2),)]
     patches += [(Cell("head_out", l, None, h),) for l in range(lm.arch.n_layers) for h in (0, 3)]
     patches += [(Cell("mlp_out", l, None),) for l in range(lm.arch.n_layers)]
-    fast = patching.patched_logit_diffs(lm, tp, patches, "noise", fast=True)
+    fast = patching._fast_lds(lm, tp, patches, "noise", trim=trim)
     from explorer import cache
     cache.clear_memory()
     import shutil
@@ -222,8 +228,33 @@ def test_fast_path_chunks_to_the_memory_budget(tiny_model, monkeypatch):
     full = patch_sweep(lm, tp, "attn_out", "each").frame["ld_patched"].to_numpy()
     cache.clear_memory()
     monkeypatch.setattr(patching, "TOKEN_BUDGET", 7)
+    monkeypatch.setattr(patching, "PACK_TOKENS", 3)
     monkeypatch.setattr(patching, "load_result", lambda key: None)
     calls = lm.forward_calls
     chunked = patching.patched_logit_diffs(lm, tp, [(Cell("attn_out", l, p),) for l in range(2) for p in range(tp.n_pos)])
     assert lm.forward_calls - calls > 4
     np.testing.assert_allclose(full, chunked, atol=1e-5)
+
+
+def test_patches_before_the_first_differing_token_are_not_run(tiny_model, monkeypatch):
+    """Before the first position where the prompts differ, clean and corrupted activations are equal,
+    so those patches change nothing: they cost no pass and report the target run's own LD."""
+    import explorer.patching as patching
+    from explorer import cache
+    lm = tiny_model("qwen2")
+    pair = PromptPair("w3 w7 w11 w5 w9 w2", "w3 w7 w11 w5 w8 w2", "w4", "w6")
+    tp = tokenize_pair(lm.tokenizer, pair)
+    first = tp.differing_positions[0]
+    assert first >= 3
+    cache.clear_memory()
+    monkeypatch.setattr(patching, "load_result", lambda key: None)
+    patches = [(Cell(site, l, p),) for site in ("resid_pre", "mlp_out") for l in range(lm.arch.n_layers)
+               for p in range(first)]
+    calls = lm.forward_calls
+    lds = patched_logit_diffs(lm, tp, patches)
+    assert lm.forward_calls - calls <= 2  # the source and target runs, no patched pass
+    np.testing.assert_allclose(lds, pair_lds(lm, tp)[1], atol=1e-5)
+    for l, p in [(0, 0), (1, first - 1)]:
+        ref = hook_patch_ld(lm, tp.clean_ids, tp.corrupted_ids, "resid_pre", l, p, None,
+                            tp.clean_answer_id, tp.corrupted_answer_id)
+        assert lds[patches.index((Cell("resid_pre", l, p),))] == pytest.approx(ref, abs=1e-5)
