@@ -75,6 +75,10 @@ def timed(fn, repeat: int):
     return best, out
 
 
+def secs(t: float) -> str:
+    return f"{t * 1e3:.0f} ms" if t < 1 else f"{t:.2f} s"
+
+
 def recovery(lds, tp, lm):
     ld_clean, ld_corr = pair_lds(lm, tp)
     return (np.asarray(lds) - ld_corr) / (ld_clean - ld_corr)
@@ -196,8 +200,8 @@ def main(argv=None):
           "(d) bare batched | a/c | b/c | d/c | a/c* | d/c* | max abs diff vs a (recovery): c / c* / b |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['sweep']} | {r['patches']} | {r['a']:.2f} s | {r['b']:.2f} s | {r['c']:.2f} s | "
-              f"{r['f']:.2f} s | {r['d']:.2f} s | {r['a'] / r['c']:.1f}x | {r['b'] / r['c']:.1f}x | {r['d'] / r['c']:.2f}x | "
+        print(f"| {r['model']} | {r['sweep']} | {r['patches']} | {secs(r['a'])} | {secs(r['b'])} | {secs(r['c'])} | "
+              f"{secs(r['f'])} | {secs(r['d'])} | {r['a'] / r['c']:.1f}x | {r['b'] / r['c']:.1f}x | {r['d'] / r['c']:.2f}x | "
               f"{r['a'] / r['f']:.1f}x | {r['d'] / r['f']:.2f}x | {r['err_c']:.1e} / {r['err_f']:.1e} / {r['err_b']:.1e} |")
 
 

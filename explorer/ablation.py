@@ -170,8 +170,8 @@ def ablated_lds(lm, ids: tuple, answers: tuple[int, int], rows_targets: list[lis
         raise ExplorerInputError(f"{method} ablation needs a reference prompt set.")
     ivs = _interventions(rows_targets, method, positions, len(ids), tuple(ids), reference)
     batch = torch.tensor([list(ids)]).expand(len(rows_targets), -1)
-    logits, _ = engine.run(lm, batch, ivs)
-    return (logits[:, answers[0]] - logits[:, answers[1]]).cpu().numpy()
+    logits, _ = engine.run(lm, batch, ivs, answers=answers)
+    return (logits[:, 0] - logits[:, 1]).cpu().numpy()
 
 
 @dataclass(frozen=True)

@@ -126,12 +126,13 @@ def _interventions(patches: list[Patch], source: dict, source_len: int, target_l
 # where the value it writes differs from the value already there, and nothing at all when the two are
 # equal bit for bit (positions before the first differing token, in a pair of equal length). So:
 #  - an unchanged patch is not run: its LD is the target run's;
-#  - the others are packed end to end into one sequence per pass, row i holding only its positions
-#    first_i..n-1; a 4D attention mask lets each packed token see the target run's cached keys/values
-#    before first_i and its own row's earlier tokens, and position ids carry the real positions;
+#  - a row holds only its positions first_i..n-1 over the target run's cached keys/values before
+#    first_i. Rows with one start share a batch; rows with different starts are packed end to end into
+#    one sequence, where a 4D attention mask lets each token see the cached prefix before its own
+#    first_i and its own row's earlier tokens, and position ids carry the real positions;
 #  - a pass starts at a layer: the layers before it are skipped (fed the cached target residual), and
 #    passes cover contiguous layer blocks chosen by a cost model (fixed cost per pass + FLOPs);
-#  - logits are computed only at each row's last token, without autograd.
+#  - logits: each row's last token only, the two answer rows of the unembedding only, no autograd.
 # Models with recurrent (linear-attention) layers or a sliding window shorter than the prompt cannot mix
 # rows in one sequence: their rows are batched at full length instead (layer skipping still applies).
 # Multi-cell patches (head sets) take the plain batched path below, the reference the fast path is

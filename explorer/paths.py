@@ -67,6 +67,7 @@ def path_patch(lm, tp: TokenizedPair, receiver: tuple, senders: list[tuple[int, 
         with torch.no_grad():
             final = sites.final_norm(lm.torch_model)(resid[:, -1].to(lm.device))
             logits = sites.unembed(lm.torch_model)(final).float().cpu()
+        lds = (logits[:, a] - logits[:, b]).numpy()
     else:
         layer, head, which = receiver
         path, chunks, index = sites.qkv_slot(layer, head, which)
@@ -80,8 +81,8 @@ def path_patch(lm, tp: TokenizedPair, receiver: tuple, senders: list[tuple[int, 
         # feeding the receiver layer the corrupted run's cached residual.
         skip_value = corr[base_read].unsqueeze(0).expand(n, -1, -1).clone()
         logits, _ = engine.run(lm, torch.tensor([list(tp.corrupted_ids)]).expand(n, -1), [iv],
-                               skip_layers=layer, skip_value=skip_value)
-    lds = (logits[:, a] - logits[:, b]).numpy()
+                               skip_layers=layer, skip_value=skip_value, answers=(a, b))
+        lds = (logits[:, 0] - logits[:, 1]).cpu().numpy()
     ld_clean, ld_corr = pair_lds(lm, tp, require_span=True)
     frame = pd.DataFrame([{"layer": l, "head": h, "head_label": arch.head_label(l, h)} for l, h in senders])
     frame["ld_patched"] = lds
