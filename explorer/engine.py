@@ -37,6 +37,9 @@ class Intervention:
     value: torch.Tensor | float
     heads: torch.Tensor | None = None
     module: tuple[str, int] | None = None  # site "qkv": (projection path below the layer, d_head chunks)
+    # Copy instead of writing `value`: (rows, pos) [n] each, read from the same site in this same pass
+    # (a source prompt riding in the batch or packed sequence); needs pos.
+    copy_from: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def order(self) -> tuple[int, int]:
@@ -53,6 +56,8 @@ def _write(x: torch.Tensor, iv: Intervention, n_heads: int) -> None:
     if iv.site in ("head_out", "qkv"):
         chunks = n_heads if iv.site == "head_out" else iv.module[1]
         view = x.view(x.shape[0], x.shape[1], chunks, -1)  # [batch, pos, head, d_head]
+        if iv.copy_from is not None:
+            value = view[iv.copy_from[0], iv.copy_from[1], iv.heads].clone()
         if iv.pos is None:
             view[iv.rows, :, iv.heads] = value
         else:
@@ -60,7 +65,7 @@ def _write(x: torch.Tensor, iv: Intervention, n_heads: int) -> None:
     elif iv.pos is None:
         x[iv.rows] = value
     else:
-        x[iv.rows, iv.pos] = value
+        x[iv.rows, iv.pos] = value if iv.copy_from is None else x[iv.copy_from[0], iv.copy_from[1]].clone()
 
 
 def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), reads: list[tuple[str, int]] = (),

@@ -151,7 +151,8 @@ class _Row:
     cell: Cell
     first: int  # first target position whose value the patch changes
     positions: list[int]  # target positions written
-    values: torch.Tensor  # [len(positions), ...] the source values written there
+    values: torch.Tensor | None  # [len(positions), ...] the source values written there
+    sources: list[int] | None = None  # or the source positions they are copied from, in the same pass
 
 
 def _packable(lm, n_pos: int) -> bool:
@@ -201,16 +202,110 @@ def _rows(cells, source, target, n_src: int, n_tgt: int, trim: bool = True) -> l
     return rows
 
 
-def _layer_blocks(lm, rows: list[_Row], n_pos: int) -> list[list[_Row]]:
+def _token_rows(cells, n_src: int, n_tgt: int, shared: int, trim: bool = True) -> list[_Row | None]:
+    """Rows from the tokens alone, for patches copied within one pass. In a causal model every site
+    holds equal values in both runs at the `shared` positions before the first differing token, so
+    patches there change nothing and patches over all positions start at the first differing one."""
+    rows = []
+    for i, cell in enumerate(cells):
+        if cell.pos is None:
+            first = shared if trim else 0
+            rows.append(None if first >= n_tgt else
+                        _Row(i, cell, first, list(range(first, n_tgt)), None, list(range(first, n_tgt))))
+        else:
+            t_pos, s_pos = (n_tgt - 1, n_src - 1) if cell.pos == LAST else (cell.pos, cell.pos)
+            unchanged = trim and t_pos == s_pos and t_pos < shared
+            rows.append(None if unchanged else _Row(i, cell, t_pos, [t_pos], None, [s_pos]))
+    return rows
+
+
+def _unit_costs(lm) -> tuple[float, float]:
+    """Seconds per token per layer (matrix products), and per query-key pair per layer (attention)."""
+    per_token_layer = 2 * sum(p.numel() for p in lm.sites.layer(lm.torch_model, 0).parameters()) / FLOPS_PER_S
+    return per_token_layer, 4 * lm.arch.d_model / FLOPS_PER_S
+
+
+def _one_pass_chunks(rows: list[_Row], n_src: int, n_tgt: int) -> list[list[_Row]]:
+    budget, out, current, used = max(1, PACK_TOKENS - n_src - n_tgt), [], [], 0
+    for row in rows:
+        size = n_tgt - row.first
+        if current and used + size > budget:
+            out.append(current)
+            current, used = [], 0
+        current.append(row)
+        used += size
+    return out + [current] if current else out or [[]]
+
+
+def _one_pass_cost(lm, rows: list[_Row], n_src: int, n_tgt: int) -> float:
+    per_token_layer, attn_per_pair = _unit_costs(lm)
+    cost = 0.0
+    for chunk in _one_pass_chunks(rows, n_src, n_tgt):
+        tokens = n_src + n_tgt + sum(n_tgt - r.first for r in chunk)
+        cost += TRACE_OVERHEAD_S + lm.arch.n_layers * (per_token_layer * (tokens + SMALL_BATCH_TOKENS)
+                                                       + attn_per_pair * tokens * tokens)
+    return cost
+
+
+def _two_pass_cost(lm, rows: list[_Row], n_src: int, n_tgt: int) -> float:
+    per_token_layer, _ = _unit_costs(lm)
+    pair = TRACE_OVERHEAD_S + lm.arch.n_layers * per_token_layer * (n_src + n_tgt + SMALL_BATCH_TOKENS)
+    return pair + _layer_blocks(lm, rows, n_tgt)[1]
+
+
+def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, answers: tuple[int, int],
+                  n_patches: int, progress=None) -> np.ndarray:
+    """Source run, target run and the patched rows packed into one sequence per pass: each patch copies
+    the source segment's value at its layer, in the same forward pass, into its row. Rows see the
+    target segment's tokens before their first position (in place of a cached prefix)."""
+    n_src, n_tgt = len(src_ids), len(tgt_ids)
+    done, found = n_patches - len(rows), {}
+    for chunk in _one_pass_chunks(rows, n_src, n_tgt):
+        lengths = torch.tensor([n_tgt - r.first for r in chunk], dtype=torch.long)
+        offsets = n_src + n_tgt + torch.cumsum(lengths, 0) - lengths
+        positions = torch.cat([torch.arange(n_src), torch.arange(n_tgt)]
+                              + [torch.arange(r.first, n_tgt) for r in chunk])
+        owner = torch.cat([torch.full((n_src,), -2), torch.full((n_tgt,), -1),
+                           torch.repeat_interleave(torch.arange(len(chunk)), lengths)])
+        firsts = torch.tensor([0, 0] + [r.first for r in chunk])[owner + 2]
+        allowed = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])
+        allowed |= (owner[:, None] >= 0) & (owner[None, :] == -1) & (positions[None, :] < firsts[:, None])
+        dtype = lm.torch_model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+        ids = torch.tensor(list(src_ids) + list(tgt_ids) + [t for r in chunk for t in tgt_ids[r.first:]])[None]
+        groups: dict = {}
+        for j, row in enumerate(chunk):
+            g = groups.setdefault((row.cell.site, row.cell.layer, row.cell.head is not None), ([], [], []))
+            g[0].extend(int(offsets[j]) + p - row.first for p in row.positions)
+            g[1].extend(row.sources)
+            g[2].extend([row.cell.head] * len(row.positions))
+        zeros = lambda n: torch.zeros(n, dtype=torch.long)  # batch row 0: one packed sequence
+        ivs = [engine.Intervention(site, layer, zeros(len(g[0])), torch.tensor(g[0]), 0.0,
+                                   torch.tensor(g[2]) if has_head else None,
+                                   copy_from=(zeros(len(g[1])), torch.tensor(g[1])))
+               for (site, layer, has_head), g in groups.items()]
+        keep = torch.cat([torch.tensor([n_src + n_tgt - 1]), offsets + lengths - 1])
+        logits, _ = engine.run(lm, ids, ivs, keep=keep, attention_mask=mask, position_ids=positions[None],
+                               answers=answers)
+        lds = (logits[0, :, 0] - logits[0, :, 1]).cpu().numpy()
+        found.update({r.index: ld for r, ld in zip(chunk, lds[1:])})
+        done += len(chunk)
+        if progress:
+            progress(done / n_patches, f"{done}/{n_patches} patches")
+    out = np.full(n_patches, lds[0])  # patches that change nothing: the target run's LD
+    out[list(found)] = list(found.values())
+    return out
+
+
+def _layer_blocks(lm, rows: list[_Row], n_pos: int) -> tuple[list[list[_Row]], float]:
     """Split the rows into passes over contiguous layer blocks [a, b), each starting at layer a,
     minimising a cost model: a fixed cost per pass plus FLOPs for the tokens x layers it runs (small
     batches charged extra for their poor matmul efficiency, packed passes for their attention)."""
     n_layers = lm.arch.n_layers
     by_layer = [[r for r in rows if r.cell.layer == layer] for layer in range(n_layers)]
     if LAYER_BLOCK:
-        return [[r for rs in by_layer[a:a + LAYER_BLOCK] for r in rs] for a in range(0, n_layers, LAYER_BLOCK)]
-    per_token_layer = 2 * sum(p.numel() for p in lm.sites.layer(lm.torch_model, 0).parameters()) / FLOPS_PER_S
-    attn_per_pair = 4 * lm.arch.d_model / FLOPS_PER_S  # scores and weighted values, per query-key pair
+        return [[r for rs in by_layer[a:a + LAYER_BLOCK] for r in rs] for a in range(0, n_layers, LAYER_BLOCK)], 0.0
+    per_token_layer, attn_per_pair = _unit_costs(lm)
 
     def cost(a: int, tokens: float, uniform: bool) -> float:
         if tokens == 0:
@@ -237,7 +332,7 @@ def _layer_blocks(lm, rows: list[_Row], n_pos: int) -> list[list[_Row]]:
     while b > 0:
         blocks.append([r for rs in by_layer[cut[b]:b] for r in rs])
         b = cut[b]
-    return [blk for blk in reversed(blocks) if blk]
+    return [blk for blk in reversed(blocks) if blk], best[n_layers]
 
 
 def _chunks(block: list[_Row], n_pos: int) -> list[list[_Row]]:
@@ -307,20 +402,34 @@ def _run_pass(lm, chunk: list[_Row], tgt_ids: torch.Tensor, target: dict, full_k
     return logits[:, 0] - logits[:, 1]
 
 
+def _shared_prefix(a: tuple, b: tuple) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _fast_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progress=None,
-              trim: bool = True) -> np.ndarray:
+              trim: bool = True, one_pass: bool | None = None) -> np.ndarray:
+    """one_pass: True/False forces the single packed pass or the two-stage path; None lets the cost
+    model choose (one pass wins where a traced pass's fixed cost outweighs the layers it cannot skip)."""
     src_ids, tgt_ids = (tp.clean_ids, tp.corrupted_ids) if direction == "denoise" else (tp.corrupted_ids, tp.clean_ids)
-    n_layers, n_tgt = lm.arch.n_layers, len(tgt_ids)
+    src_ids, tgt_ids = tuple(src_ids), tuple(tgt_ids)
+    n_layers, n_src, n_tgt = lm.arch.n_layers, len(src_ids), len(tgt_ids)
     cells = [p[0] for p in patches]
-    packed = _packable(lm, n_tgt)
-    reads = sorted({(c.site, c.layer) for c in cells} | {("resid_post", l) for l in range(n_layers - 1)})
-    source, target, tgt_logits, full_kv = _pair_state(lm, tuple(src_ids), tuple(tgt_ids), reads, packed)
     a, b = tp.clean_answer_id, tp.corrupted_answer_id
+    packed = _packable(lm, max(n_src, n_tgt))
+    if packed and one_pass is not False:
+        rows = [r for r in _token_rows(cells, n_src, n_tgt, _shared_prefix(src_ids, tgt_ids), trim) if r is not None]
+        if one_pass or _one_pass_cost(lm, rows, n_src, n_tgt) < _two_pass_cost(lm, rows, n_src, n_tgt):
+            return _one_pass_lds(lm, rows, src_ids, tgt_ids, (a, b), len(patches), progress)
+    reads = sorted({(c.site, c.layer) for c in cells} | {("resid_post", l) for l in range(n_layers - 1)})
+    source, target, tgt_logits, full_kv = _pair_state(lm, src_ids, tgt_ids, reads, packed)
     out = np.full(len(patches), float(tgt_logits[a] - tgt_logits[b]))  # unchanged patches: the target's LD
-    todo = [r for r in _rows(cells, source, target, len(src_ids), n_tgt, trim) if r is not None]
+    todo = [r for r in _rows(cells, source, target, n_src, n_tgt, trim) if r is not None]
     if not packed:
         todo = [_Row(r.index, r.cell, 0, r.positions, r.values) for r in todo]
-    chunks = [c for block in _layer_blocks(lm, todo, n_tgt) for c in _chunks(block, n_tgt)]
+    chunks = [c for block in _layer_blocks(lm, todo, n_tgt)[0] for c in _chunks(block, n_tgt)]
     ids, done = torch.tensor(list(tgt_ids)), len(patches) - len(todo)
     for chunk in chunks:
         out[[r.index for r in chunk]] = _run_pass(lm, chunk, ids, target, full_kv, (a, b)).cpu().numpy()

@@ -180,11 +180,13 @@ def test_chunking_gives_same_numbers(tiny_model, monkeypatch):
 FAST_FAMILIES = ["llama", "gpt2", "gpt_neox", "gemma2", "gemma3", "qwen2", "qwen3", "mistral", "qwen3_5"]
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("trim", [True, False])
 @pytest.mark.parametrize("family", FAST_FAMILIES)
-def test_fast_path_equals_full_batched_path(tiny_model, family, trim, monkeypatch):
-    """Layer skipping, packed rows over the target's key/value prefix and skipping unchanged patches
-    change no number (small blocks and passes: many of them)."""
+def test_fast_path_equals_full_batched_path(tiny_model, family, trim, one_pass, monkeypatch):
+    """Layer skipping, packed rows over the target's key/value prefix, the single pass that carries
+    source and target runs beside the patched rows, and skipping unchanged patches change no number
+    (small blocks and passes: many of them)."""
     import explorer.patching as patching
     monkeypatch.setattr(patching, "LAYER_BLOCK", 1)
     monkeypatch.setattr(patching, "PACK_TOKENS", 9)
@@ -196,7 +198,7 @@ def test_fast_path_equals_full_batched_path(tiny_model, family, trim, monkeypatc
     patches += [(Cell("resid_pre", 1, LAST),), (Cell("head_out", 0, LAST, 2),)]
     patches += [(Cell("head_out", l, None, h),) for l in range(lm.arch.n_layers) for h in (0, 3)]
     patches += [(Cell("mlp_out", l, None),) for l in range(lm.arch.n_layers)]
-    fast = patching._fast_lds(lm, tp, patches, "noise", trim=trim)
+    fast = patching._fast_lds(lm, tp, patches, "noise", trim=trim, one_pass=one_pass)
     from explorer import cache
     cache.clear_memory()
     import shutil
