@@ -225,8 +225,9 @@ def _unit_costs(lm) -> tuple[float, float]:
     return per_token_layer, 4 * lm.arch.d_model / FLOPS_PER_S
 
 
-def _one_pass_chunks(rows: list[_Row], n_src: int, n_tgt: int) -> list[list[_Row]]:
-    budget, out, current, used = max(1, PACK_TOKENS - n_src - n_tgt), [], [], 0
+def _one_pass_chunks(rows: list[_Row], n_tgt: int, n_fixed: int) -> list[list[_Row]]:
+    """Rows per single pass, within PACK_TOKENS beside the n_fixed tokens of the target and source runs."""
+    budget, out, current, used = max(1, PACK_TOKENS - n_fixed), [], [], 0
     for row in rows:
         size = n_tgt - row.first
         if current and used + size > budget:
@@ -237,11 +238,11 @@ def _one_pass_chunks(rows: list[_Row], n_src: int, n_tgt: int) -> list[list[_Row
     return out + [current] if current else out or [[]]
 
 
-def _one_pass_cost(lm, rows: list[_Row], n_src: int, n_tgt: int) -> float:
+def _one_pass_cost(lm, rows: list[_Row], n_tgt: int, n_fixed: int) -> float:
     per_token_layer, attn_per_pair = _unit_costs(lm)
     cost = 0.0
-    for chunk in _one_pass_chunks(rows, n_src, n_tgt):
-        tokens = n_src + n_tgt + sum(n_tgt - r.first for r in chunk)
+    for chunk in _one_pass_chunks(rows, n_tgt, n_fixed):
+        tokens = n_fixed + sum(n_tgt - r.first for r in chunk)
         cost += TRACE_OVERHEAD_S + lm.arch.n_layers * (per_token_layer * (tokens + SMALL_BATCH_TOKENS)
                                                        + attn_per_pair * tokens * tokens)
     return cost
@@ -253,38 +254,42 @@ def _two_pass_cost(lm, rows: list[_Row], n_src: int, n_tgt: int) -> float:
     return pair + _layer_blocks(lm, rows, n_tgt)[1]
 
 
-def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, answers: tuple[int, int],
+def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, shared: int, answers: tuple[int, int],
                   n_patches: int, progress=None) -> np.ndarray:
-    """Source run, target run and the patched rows packed into one sequence per pass: each patch copies
-    the source segment's value at its layer, in the same forward pass, into its row. Rows see the
-    target segment's tokens before their first position (in place of a cached prefix)."""
+    """The target run, the source run and the patched rows packed into one sequence per pass; each patch
+    copies the source's value at its layer, within the same forward, into its row. The source segment
+    and the rows see the target segment's tokens before their first position (in place of a cached
+    prefix): the source segment starts at the first differing token, as earlier positions hold the
+    same values in both runs."""
     n_src, n_tgt = len(src_ids), len(tgt_ids)
+    n_fixed = n_tgt + n_src - shared
     done, found = n_patches - len(rows), {}
-    for chunk in _one_pass_chunks(rows, n_src, n_tgt):
+    for chunk in _one_pass_chunks(rows, n_tgt, n_fixed):
         lengths = torch.tensor([n_tgt - r.first for r in chunk], dtype=torch.long)
-        offsets = n_src + n_tgt + torch.cumsum(lengths, 0) - lengths
-        positions = torch.cat([torch.arange(n_src), torch.arange(n_tgt)]
+        offsets = n_fixed + torch.cumsum(lengths, 0) - lengths
+        positions = torch.cat([torch.arange(n_tgt), torch.arange(shared, n_src)]
                               + [torch.arange(r.first, n_tgt) for r in chunk])
-        owner = torch.cat([torch.full((n_src,), -2), torch.full((n_tgt,), -1),
+        # owner: -1 target segment, -2 source segment, j >= 0 patched row j
+        owner = torch.cat([torch.full((n_tgt,), -1), torch.full((n_src - shared,), -2),
                            torch.repeat_interleave(torch.arange(len(chunk)), lengths)])
-        firsts = torch.tensor([0, 0] + [r.first for r in chunk])[owner + 2]
+        firsts = torch.tensor([shared, 0] + [r.first for r in chunk])[owner + 2]
         allowed = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])
-        allowed |= (owner[:, None] >= 0) & (owner[None, :] == -1) & (positions[None, :] < firsts[:, None])
+        allowed |= (owner[:, None] != -1) & (owner[None, :] == -1) & (positions[None, :] < firsts[:, None])
         dtype = lm.torch_model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
-        ids = torch.tensor(list(src_ids) + list(tgt_ids) + [t for r in chunk for t in tgt_ids[r.first:]])[None]
+        ids = torch.tensor(list(tgt_ids) + list(src_ids[shared:]) + [t for r in chunk for t in tgt_ids[r.first:]])[None]
         groups: dict = {}
         for j, row in enumerate(chunk):
             g = groups.setdefault((row.cell.site, row.cell.layer, row.cell.head is not None), ([], [], []))
             g[0].extend(int(offsets[j]) + p - row.first for p in row.positions)
-            g[1].extend(row.sources)
+            g[1].extend(n_tgt + p - shared if p >= shared else p for p in row.sources)
             g[2].extend([row.cell.head] * len(row.positions))
         zeros = lambda n: torch.zeros(n, dtype=torch.long)  # batch row 0: one packed sequence
         ivs = [engine.Intervention(site, layer, zeros(len(g[0])), torch.tensor(g[0]), 0.0,
                                    torch.tensor(g[2]) if has_head else None,
                                    copy_from=(zeros(len(g[1])), torch.tensor(g[1])))
                for (site, layer, has_head), g in groups.items()]
-        keep = torch.cat([torch.tensor([n_src + n_tgt - 1]), offsets + lengths - 1])
+        keep = torch.cat([torch.tensor([n_tgt - 1]), offsets + lengths - 1])
         logits, _ = engine.run(lm, ids, ivs, keep=keep, attention_mask=mask, position_ids=positions[None],
                                answers=answers)
         lds = (logits[0, :, 0] - logits[0, :, 1]).cpu().numpy()
@@ -420,9 +425,11 @@ def _fast_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progr
     a, b = tp.clean_answer_id, tp.corrupted_answer_id
     packed = _packable(lm, max(n_src, n_tgt))
     if packed and one_pass is not False:
-        rows = [r for r in _token_rows(cells, n_src, n_tgt, _shared_prefix(src_ids, tgt_ids), trim) if r is not None]
-        if one_pass or _one_pass_cost(lm, rows, n_src, n_tgt) < _two_pass_cost(lm, rows, n_src, n_tgt):
-            return _one_pass_lds(lm, rows, src_ids, tgt_ids, (a, b), len(patches), progress)
+        shared = _shared_prefix(src_ids, tgt_ids)
+        rows = [r for r in _token_rows(cells, n_src, n_tgt, shared, trim) if r is not None]
+        n_fixed = n_tgt + n_src - shared
+        if one_pass or _one_pass_cost(lm, rows, n_tgt, n_fixed) < _two_pass_cost(lm, rows, n_src, n_tgt):
+            return _one_pass_lds(lm, rows, src_ids, tgt_ids, shared, (a, b), len(patches), progress)
     reads = sorted({(c.site, c.layer) for c in cells} | {("resid_post", l) for l in range(n_layers - 1)})
     source, target, tgt_logits, full_kv = _pair_state(lm, src_ids, tgt_ids, reads, packed)
     out = np.full(len(patches), float(tgt_logits[a] - tgt_logits[b]))  # unchanged patches: the target's LD

@@ -260,3 +260,43 @@ def test_patches_before_the_first_differing_token_are_not_run(tiny_model, monkey
         ref = hook_patch_ld(lm, tp.clean_ids, tp.corrupted_ids, "resid_pre", l, p, None,
                             tp.clean_answer_id, tp.corrupted_answer_id)
         assert lds[patches.index((Cell("resid_pre", l, p),))] == pytest.approx(ref, abs=1e-5)
+
+
+def test_sliding_window_shorter_than_the_prompt_is_not_packed(tmp_path):
+    """A packed sequence's custom mask would replace the sliding-window mask, so a model whose window
+    is shorter than the prompt takes the batched rows; numbers still equal the plain batched path."""
+    import json
+
+    import explorer.patching as patching
+    from explorer import cache
+    from explorer.models import load_model
+    from explorer.tiny import build_tiny_model
+    folder = build_tiny_model("gemma2", tmp_path / "gemma2")
+    config = json.loads((folder / "config.json").read_text())
+    config["sliding_window"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    lm = load_model(str(folder))
+    tp = tokenize_pair(lm.tokenizer, PAIR)
+    assert tp.n_pos > 3 and not patching._packable(lm, tp.n_pos)
+    patches = [(Cell(site, l, p),) for site in ("resid_pre", "attn_out") for l in range(lm.arch.n_layers)
+               for p in range(tp.n_pos)]
+    patches += [(Cell("head_out", l, None, h),) for l in range(lm.arch.n_layers) for h in (0, 1)]
+    fast = patching._fast_lds(lm, tp, patches, "denoise")
+    cache.clear_memory()
+    slow = patching.patched_logit_diffs(lm, tp, patches, "denoise", fast=False)
+    np.testing.assert_allclose(fast, slow, atol=2e-5)
+    windowless = load_model(str(build_tiny_model("gemma2", tmp_path / "gemma2-full")))
+    assert not np.allclose(slow, patching.patched_logit_diffs(windowless, tp, patches, "denoise", fast=False))
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_unequal_lengths_last_position_both_fast_paths(tiny_model, one_pass):
+    import explorer.patching as patching
+    lm = tiny_model("qwen2")
+    tp = tokenize_pair(lm.tokenizer, PromptPair("w3 w7 w11 w5", "w3 w8 w5", "w4", "w6"))
+    patches = [(Cell(site, l, LAST),) for site in ("resid_pre", "mlp_out") for l in range(lm.arch.n_layers)]
+    patches += [(Cell("head_out", l, LAST, h),) for l in range(lm.arch.n_layers) for h in (0, 2)]
+    for direction in ("denoise", "noise"):
+        fast = patching._fast_lds(lm, tp, patches, direction, one_pass=one_pass)
+        slow = patching.patched_logit_diffs(lm, tp, patches, direction, fast=False)
+        np.testing.assert_allclose(fast, slow, atol=2e-5)
