@@ -1,4 +1,6 @@
 """Activation patching: layer x position, components, heads, head sets; click to drill down."""
+import time
+
 import streamlit as st
 
 from explorer.errors import ExplorerInputError
@@ -28,14 +30,17 @@ if note and site == "head_out":
     st.info(note)
 
 progress = widgets.progress_callback("Patching")
+started = time.perf_counter()
 try:
     res = patch_sweep(lm, tp, site, positions, direction, progress=progress)
 except ExplorerInputError as exc:
     state.show_error(exc)
     st.stop()
+elapsed = time.perf_counter() - started
 
 metric = res.metric
-st.caption(f"{res.formula} · LD_clean = {res.ld_clean:+.3f}, LD_corr = {res.ld_corrupted:+.3f}")
+st.caption(f"{res.formula} · LD_clean = {res.ld_clean:+.3f}, LD_corr = {res.ld_corrupted:+.3f} · "
+           f"{len(res.frame)} patches in {elapsed * 1e3:.0f} ms")
 artefacts = res.artefact_cells()
 if not artefacts.empty:
     cells = ", ".join(f"L{int(r.layer)} pos {int(r.pos)}" for r in artefacts.head(6).itertuples())
