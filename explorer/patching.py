@@ -225,6 +225,11 @@ def _unit_costs(lm) -> tuple[float, float]:
     return per_token_layer, 4 * lm.arch.d_model / FLOPS_PER_S
 
 
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[query, key] booleans -> the [1, 1, query, key] additive mask eager attention adds to its scores."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
 def _one_pass_chunks(rows: list[_Row], n_tgt: int, n_fixed: int) -> list[list[_Row]]:
     """Rows per single pass, within PACK_TOKENS beside the n_fixed tokens of the target and source runs."""
     budget, out, current, used = max(1, PACK_TOKENS - n_fixed), [], [], 0
@@ -275,8 +280,7 @@ def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, shared: 
         firsts = torch.tensor([shared, 0] + [r.first for r in chunk])[owner + 2]
         allowed = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])
         allowed |= (owner[:, None] != -1) & (owner[None, :] == -1) & (positions[None, :] < firsts[:, None])
-        dtype = lm.torch_model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+        mask = _additive_mask(allowed, lm.torch_model.dtype)
         ids = torch.tensor(list(tgt_ids) + list(src_ids[shared:]) + [t for r in chunk for t in tgt_ids[r.first:]])[None]
         groups: dict = {}
         for j, row in enumerate(chunk):
@@ -371,8 +375,7 @@ def _run_pass(lm, chunk: list[_Row], tgt_ids: torch.Tensor, target: dict, full_k
         sees_past = torch.arange(n_past)[None, :] < torch.tensor([r.first for r in chunk])[owner][:, None]
         sees_row = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])
         allowed = torch.cat([sees_past, sees_row], 1)
-        dtype = lm.torch_model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+        mask = _additive_mask(allowed, lm.torch_model.dtype)
         ids, keep, position_ids, batch = tgt_ids[positions][None], offsets + lengths - 1, positions[None], 1
         where = lambda j, p: (0, int(offsets[j]) + p - chunk[j].first)
     else:  # one batch row each, all starting at position n_past
