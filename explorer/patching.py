@@ -230,17 +230,31 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def _one_pass_chunks(rows: list[_Row], n_tgt: int, n_fixed: int) -> list[list[_Row]]:
-    """Rows per single pass, within PACK_TOKENS beside the n_fixed tokens of the target and source runs."""
-    budget, out, current, used = max(1, PACK_TOKENS - n_fixed), [], [], 0
+def _fill(rows: list[_Row], n_pos: int, budget: int) -> list[list[_Row]]:
+    """Consecutive rows in chunks of at most `budget` tokens (a row holds n_pos - first; one row at least)."""
+    out, current, used = [], [], 0
     for row in rows:
-        size = n_tgt - row.first
+        size = n_pos - row.first
         if current and used + size > budget:
             out.append(current)
             current, used = [], 0
         current.append(row)
         used += size
-    return out + [current] if current else out or [[]]
+    return out + [current] if current else out
+
+
+def _packed(chunk: list[_Row], n_pos: int, start: int = 0):
+    """Rows end to end from packed index `start`: lengths, offsets (each row's first index), the real
+    position of every packed token and the row it belongs to."""
+    lengths = torch.tensor([n_pos - r.first for r in chunk], dtype=torch.long)
+    offsets = start + torch.cumsum(lengths, 0) - lengths
+    positions = torch.cat([torch.arange(r.first, n_pos) for r in chunk] or [torch.zeros(0, dtype=torch.long)])
+    return lengths, offsets, positions, torch.repeat_interleave(torch.arange(len(chunk)), lengths)
+
+
+def _one_pass_chunks(rows: list[_Row], n_tgt: int, n_fixed: int) -> list[list[_Row]]:
+    """Rows per single pass, within PACK_TOKENS beside the n_fixed tokens of the target and source runs."""
+    return _fill(rows, n_tgt, max(1, PACK_TOKENS - n_fixed)) or [[]]
 
 
 def _one_pass_cost(lm, rows: list[_Row], n_tgt: int, n_fixed: int) -> float:
@@ -270,13 +284,10 @@ def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, shared: 
     n_fixed = n_tgt + n_src - shared
     done, found = n_patches - len(rows), {}
     for chunk in _one_pass_chunks(rows, n_tgt, n_fixed):
-        lengths = torch.tensor([n_tgt - r.first for r in chunk], dtype=torch.long)
-        offsets = n_fixed + torch.cumsum(lengths, 0) - lengths
-        positions = torch.cat([torch.arange(n_tgt), torch.arange(shared, n_src)]
-                              + [torch.arange(r.first, n_tgt) for r in chunk])
+        lengths, offsets, row_positions, row_owner = _packed(chunk, n_tgt, n_fixed)
+        positions = torch.cat([torch.arange(n_tgt), torch.arange(shared, n_src), row_positions])
         # owner: -1 target segment, -2 source segment, j >= 0 patched row j
-        owner = torch.cat([torch.full((n_tgt,), -1), torch.full((n_src - shared,), -2),
-                           torch.repeat_interleave(torch.arange(len(chunk)), lengths)])
+        owner = torch.cat([torch.full((n_tgt,), -1), torch.full((n_src - shared,), -2), row_owner])
         firsts = torch.tensor([shared, 0] + [r.first for r in chunk])[owner + 2]
         allowed = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])
         allowed |= (owner[:, None] != -1) & (owner[None, :] == -1) & (positions[None, :] < firsts[:, None])
@@ -346,32 +357,21 @@ def _layer_blocks(lm, rows: list[_Row], n_pos: int) -> tuple[list[list[_Row]], f
 
 def _chunks(block: list[_Row], n_pos: int) -> list[list[_Row]]:
     """Bound the tokens of one pass (memory): packed tokens, or batch rows x positions."""
-    budget = PACK_TOKENS if len({r.first for r in block}) > 1 else TOKEN_BUDGET
-    out, current, used = [], [], 0
-    for row in block:
-        size = n_pos - row.first
-        if current and used + size > budget:
-            out.append(current)
-            current, used = [], 0
-        current.append(row)
-        used += size
-    return out + [current] if current else out
+    return _fill(block, n_pos, PACK_TOKENS if len({r.first for r in block}) > 1 else TOKEN_BUDGET)
 
 
 def _run_pass(lm, chunk: list[_Row], tgt_ids: torch.Tensor, target: dict, full_kv, answers: tuple[int, int]
               ) -> torch.Tensor:
-    """LD of each row of one pass (answers: the clean and corrupted answer ids). Rows that all start at one position form a batch over the shared
-    key/value prefix; rows that start at different positions are packed into one sequence."""
+    """LD of each row of one pass (answers: the clean and corrupted answer ids). Rows that all start at
+    one position form a batch over the shared key/value prefix; rows that start at different positions
+    are packed into one sequence."""
     n_pos, n_rows = len(tgt_ids), len(chunk)
     start = min(r.cell.layer for r in chunk)
     n_past = max(r.first for r in chunk)
     packed = len({r.first for r in chunk}) > 1
     mask = position_ids = keep = None
     if packed:  # row i occupies packed indices offset_i .. offset_i + n - first_i - 1
-        lengths = torch.tensor([n_pos - r.first for r in chunk])
-        offsets = torch.cumsum(lengths, 0) - lengths
-        positions = torch.cat([torch.arange(r.first, n_pos) for r in chunk])
-        owner = torch.repeat_interleave(torch.arange(n_rows), lengths)
+        lengths, offsets, positions, owner = _packed(chunk, n_pos)
         sees_past = torch.arange(n_past)[None, :] < torch.tensor([r.first for r in chunk])[owner][:, None]
         sees_row = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])
         allowed = torch.cat([sees_past, sees_row], 1)
