@@ -25,11 +25,11 @@ def _model_args(p):
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
-def _pair_args(p):
-    p.add_argument("--clean", required=True)
-    p.add_argument("--corrupted", required=True)
-    p.add_argument("--clean-answer", required=True)
-    p.add_argument("--corrupted-answer", required=True)
+def _pair_args(p, required: bool = True):
+    p.add_argument("--clean", required=required)
+    p.add_argument("--corrupted", required=required)
+    p.add_argument("--clean-answer", required=required)
+    p.add_argument("--corrupted-answer", required=required)
 
 
 def _ablation_args(p):
@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p), _pair_args(p)
     p.add_argument("--top-k", type=int, default=10)
     p = sub.add_parser("patch", help="activation patching sweep")
-    _model_args(p), _pair_args(p)
+    _model_args(p), _pair_args(p, required=False)
+    p.add_argument("--prompts", default=None, help="JSONL prompt set instead of one pair: mean per cell over its "
+                                                   "headline pairs (positions all or last)")
+    p.add_argument("--max-pairs", type=int, default=None, help="with --prompts: the first N headline pairs")
     p.add_argument("--site", default="resid_post", help="resid_pre|resid_post|attn_out|mlp_out|head_out")
     p.add_argument("--positions", default="each", choices=["each", "last", "all"])
     p.add_argument("--heads", default=None, help="a head set like 1.3,2.0: patched alone and together")
@@ -137,14 +140,19 @@ def cmd_baseline(args) -> dict:
 
 def cmd_patch(args) -> dict:
     from explorer import patching
+    given = [args.clean, args.corrupted, args.clean_answer, args.corrupted_answer]
+    if args.prompts is None and any(v is None for v in given):
+        raise ExplorerInputError("Give --clean, --corrupted, --clean-answer and --corrupted-answer, or --prompts FILE.")
     lm = _load(args)
-    tp = _pair(args, lm)
     layers = None
     if args.layers:
         try:
             layers = [int(x) for x in args.layers.split(",")]
         except ValueError:
             raise ExplorerInputError(f"--layers must be comma-separated integers, not {args.layers!r}.") from None
+    if args.prompts is not None:
+        return _patch_set(args, lm, layers)
+    tp = _pair(args, lm)
     if args.receiver:
         from explorer.paths import parse_receiver, path_patch
         res = path_patch(lm, tp, parse_receiver(args.receiver, lm.arch))
@@ -177,6 +185,28 @@ def cmd_patch(args) -> dict:
         print(res.formula)
         print(res.frame.to_string(index=False))
     return out
+
+
+def _patch_set(args, lm, layers) -> dict:
+    from explorer.patching import sweep_over_pairs
+    from explorer.prompts import check_for_tokenizer, load_prompt_set
+    ps = check_for_tokenizer(load_prompt_set(args.prompts), lm.tokenizer)
+    pairs = ps.by_category("headline")[: args.max_pairs]
+    positions = "all" if args.positions == "each" else args.positions
+    bar = _ProgressBar("patching over the set")
+    try:
+        res = sweep_over_pairs(lm, pairs, args.site, positions, args.direction, layers, progress=bar)
+    finally:
+        bar.close()
+    skipped = ps.errors + res.skipped
+    if not args.json:
+        print(res.title)
+        if skipped:
+            print(f"{len(skipped)} pair(s) skipped: " + "; ".join(skipped[:5]))
+        print(res.summary.to_string(index=False))
+    return {"model": lm.describe(), "title": res.title, "prompt_set": str(args.prompts), "sha256": ps.sha256,
+            "site": res.site, "positions": res.positions, "direction": res.direction, "metric": res.metric,
+            "skipped": skipped, "records": _frame_records(res.summary), "per_pair": _frame_records(res.per_pair)}
 
 
 def _frame_records(frame) -> list[dict]:

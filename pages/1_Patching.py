@@ -4,7 +4,9 @@ import time
 import streamlit as st
 
 from explorer.errors import ExplorerInputError
-from explorer.patching import head_set_patch, head_sweep, linear_heads_note, parse_heads, patch_sweep
+from explorer.patching import (head_set_patch, head_sweep, linear_heads_note, parse_heads, patch_sweep,
+                               sweep_over_pairs)
+from explorer.prompts import check_for_tokenizer, load_prompt_set
 from explorer.ui import charts, state, widgets
 
 lm, tp = widgets.start_page("Activation patching")
@@ -92,6 +94,45 @@ if layer_pick != "—":
     c1, c2 = st.columns(2)
     for col, page, text in ((c1, "pages/6_Attention.py", "Attention pattern"), (c2, "pages/4_DLA.py", "Direct logit attribution")):
         col.page_link(page, label=f"{text} of {best['head_label']} from position {int(best['pos'])}", query_params=query)
+
+# ---- the same sweep over a prompt set: one pair is not a finding ----
+st.subheader(f"Over a prompt set: mean {metric} per cell")
+st.caption("The sweep above (same site and direction) on every headline pair of a set, each pair normalised by "
+           "its own LD_clean − LD_corr, then averaged per cell. Positions: all or last, since the pairs' "
+           "positions do not line up.")
+with st.form("patch_set"):
+    sets = [path.name for path in widgets.bundled_prompt_sets()]
+    c1, c2, c3 = st.columns(3)
+    set_name = c1.selectbox("Prompt set", sets)
+    n_pairs = c2.number_input("Headline pairs", min_value=1, max_value=500, value=12)
+    set_positions = c3.selectbox("Positions", ["all", "last"], key="set_positions")
+    run_set = st.form_submit_button("Run over the set")
+if run_set:
+    try:
+        ps = check_for_tokenizer(load_prompt_set(widgets.PROMPTS_DIR / set_name), lm.tokenizer)
+        pairs = ps.by_category("headline")[: int(n_pairs)]
+        with st.status(f"Patching {len(pairs)} pairs ...", expanded=True):
+            set_res = sweep_over_pairs(lm, pairs, site, set_positions, direction,
+                                       progress=widgets.progress_callback("Prompt set"))
+    except ExplorerInputError as exc:
+        state.show_error(exc)
+    else:
+        skipped = ps.errors + set_res.skipped
+        if skipped:
+            st.warning(f"{len(skipped)} pair(s) skipped: " + "; ".join(skipped[:5]))
+        mean = f"mean_{metric}"
+        summary = set_res.summary
+        if site == "head_out":
+            set_chart = charts.heatmap(summary, "head", "layer", mean, set_res.title, select=False)
+        else:
+            set_chart = charts.heatmap(summary.assign(where=set_positions), "where", "layer", mean, set_res.title,
+                                       select=False)
+        st.altair_chart(set_chart)
+        top = summary.reindex(summary[mean].abs().sort_values(ascending=False).index).head(10)
+        st.dataframe(top, hide_index=True)
+        widgets.export_buttons(set_res.per_pair, f"patching_set_{site}_{set_positions}_{direction}",
+                               {"title": set_res.title, "prompt_set": set_name, "sha256": ps.sha256,
+                                "skipped": skipped, "model": lm.describe()})
 
 # ---- head sets: joint vs sum of singles ----
 st.subheader("Head set: joint effect vs sum of single-head effects")

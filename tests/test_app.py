@@ -66,6 +66,24 @@ def test_patching_page_and_drill_down(demo_model):
     assert any("Strongest head cell" in m.value for m in at.markdown)
 
 
+def test_patching_page_over_a_prompt_set(demo_model):
+    from explorer.patching import sweep_over_pairs
+    from explorer.prompts import load_prompt_set
+    at = page("pages/1_Patching.py", site="head_out", positions="all")
+    at.selectbox(key="set_positions").set_value("all")
+    form_set = [s for s in at.selectbox if s.label == "Prompt set"][0]
+    form_set.set_value("demo_ioi.jsonl")
+    [n for n in at.number_input if n.label == "Headline pairs"][0].set_value(4)
+    [b for b in at.button if b.label == "Run over the set"][0].click().run()
+    assert not at.exception and not at.error
+    pairs = load_prompt_set(REPO_ROOT / "prompts" / "demo_ioi.jsonl").by_category("headline")[:4]
+    ref = sweep_over_pairs(demo_model, pairs, "head_out", "all").summary
+    shown = at.dataframe[-1].value
+    top = ref.reindex(ref["mean_recovery"].abs().sort_values(ascending=False).index).iloc[0]
+    assert shown.iloc[0]["head_label"] == top["head_label"]
+    assert shown.iloc[0]["mean_recovery"] == pytest.approx(top["mean_recovery"], abs=1e-6)
+
+
 def test_patching_page_path_patching(demo_model):
     from explorer.paths import path_patch
     from explorer.prompts import tokenize_pair

@@ -63,6 +63,8 @@ def test_baseline_probabilities(demo_model):
     (["patch", "--clean", "Anna", "--corrupted", "Tom", "--clean-answer", "Anna", "--corrupted-answer", "Tom", "--heads", "1.99"], "Head 99"),
     (["patch", "--clean", "Anna", "--corrupted", "Tom", "--clean-answer", "Anna", "--corrupted-answer", "Tom", "--site", "nope"], "Unknown site"),
     (["baseline", "--clean", "a"], "required"),
+    (["patch", "--clean", "a"], "or --prompts FILE"),
+    (["patch", "--prompts", "/nope.jsonl"], "does not exist"),
     ([], "Give a command"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args, message, capsys):
@@ -86,6 +88,19 @@ def test_cli_patch_json_records():
     out = json.loads(proc.stdout)
     assert len(out["records"]) == 4 * 8 and {"layer", "head", "recovery"} <= set(out["records"][0])
     assert "head_out" in out["title"] and "denoise" in out["title"]
+
+
+def test_cli_patch_over_a_prompt_set(demo_model, capsys):
+    from explorer.cli import main
+    from explorer.patching import sweep_over_pairs
+    from explorer.prompts import load_prompt_set
+    path = REPO_ROOT / "prompts" / "demo_factual_recall.jsonl"
+    assert main(["patch", "--prompts", str(path), "--max-pairs", "3", "--site", "resid_post", "--positions", "last",
+                 "--direction", "noise", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = sweep_over_pairs(demo_model, load_prompt_set(path).by_category("headline")[:3], "resid_post", "last", "noise")
+    assert [r["mean_damage"] for r in out["records"]] == pytest.approx(list(ref.summary["mean_damage"]), abs=1e-6)
+    assert len(out["per_pair"]) == 3 * 4 and "over 3 pairs" in out["title"]
 
 
 def test_revisit_runs_no_forward_pass(demo_model):

@@ -300,3 +300,25 @@ def test_unequal_lengths_last_position_both_fast_paths(tiny_model, one_pass):
         fast = patching._fast_lds(lm, tp, patches, direction, one_pass=one_pass)
         slow = patching.patched_logit_diffs(lm, tp, patches, direction, fast=False)
         np.testing.assert_allclose(fast, slow, atol=2e-5)
+
+
+def test_sweep_over_pairs_averages_each_pairs_own_sweep(tiny_model):
+    """Per-cell mean and spread over pairs equal the single-pair sweeps; unusable pairs are skipped
+    with their reason; positions that do not line up across pairs are refused."""
+    from explorer.patching import sweep_over_pairs
+    lm = tiny_model("llama")
+    pairs = [PAIR, PromptPair("w3 w7 w11 w5", "w3 w8 w11 w5", "w4", "w6", id="b"),
+             PromptPair("w3 w7", "w3 w8", "w4 w5", "w6", id="two-token")]
+    res = sweep_over_pairs(lm, pairs, "head_out", "all", "noise")
+    assert res.skipped and res.skipped[0].startswith("two-token:")
+    singles = [head_sweep(lm, tokenize_pair(lm.tokenizer, p), "all", "noise").frame for p in pairs[:2]]
+    row = res.summary.set_index(["layer", "head"]).loc[(1, 2)]
+    values = [float(f.set_index(["layer", "head"]).loc[(1, 2), "damage"]) for f in singles]
+    assert row["mean_damage"] == pytest.approx(np.mean(values), abs=1e-6)
+    assert row["std_damage"] == pytest.approx(np.std(values, ddof=1), abs=1e-6)
+    assert row["n"] == 2 and len(res.per_pair) == 2 * lm.arch.n_layers * lm.arch.n_heads
+    assert "mean damage over 2 pairs" in res.title
+    with pytest.raises(ExplorerInputError, match="'all' or 'last'"):
+        sweep_over_pairs(lm, pairs, "resid_post", "each")
+    with pytest.raises(ExplorerInputError, match="No pair"):
+        sweep_over_pairs(lm, pairs[2:], "resid_post", "last")
