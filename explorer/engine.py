@@ -8,12 +8,13 @@ order the model computes them, which nnsight requires.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from explorer.adapters import SITE_ORDER, get_path
 from explorer.errors import ExplorerInputError
+from explorer.runtime import to_host, to_model
 
 
 # transformers 5.24 renames past_key_values to `cache`, a keyword nnsight's trace keeps for itself.
@@ -50,9 +51,17 @@ def _as_tensor(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _on_model(lm, iv: Intervention) -> Intervention:
+    """A copy of `iv` whose indices and value sit on the model's device (value in the model's dtype)."""
+    move = lambda t: None if t is None else to_model(lm, t)
+    return replace(iv, rows=move(iv.rows), pos=move(iv.pos), heads=move(iv.heads),
+                   value=move(iv.value) if torch.is_tensor(iv.value) else iv.value,
+                   copy_from=None if iv.copy_from is None else (move(iv.copy_from[0]), move(iv.copy_from[1])))
+
+
 def _write(x: torch.Tensor, iv: Intervention, n_heads: int) -> None:
     """In-place write; x is [batch, pos, d] (head_out: [batch, pos, heads*d_head])."""
-    value = iv.value if not torch.is_tensor(iv.value) else iv.value.to(x.device, x.dtype)
+    value = iv.value.to(x.dtype) if torch.is_tensor(iv.value) else iv.value  # a site may compute in float32
     if iv.site in ("head_out", "qkv"):
         chunks = n_heads if iv.site == "head_out" else iv.module[1]
         view = x.view(x.shape[0], x.shape[1], chunks, -1)  # [batch, pos, head, d_head]
@@ -74,6 +83,10 @@ def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), rea
         position_ids: torch.Tensor | None = None, return_cache: bool = False, answers: tuple[int, ...] | None = None):
     """One traced forward pass. Returns (logits [batch, vocab] at the last position, reads).
 
+    Tensors may come from anywhere: ids, masks, position ids, the skip value and the interventions'
+    indices and values are moved to the model's device and dtype here. The logits come back on the
+    CPU in float32 (float64 for a float64 model); reads stay on the model's device in its dtype, for
+    the next pass (the activation cache hands out CPU copies).
     reads maps (site, layer) -> tensor [batch, pos, ...]; head_out is [batch, pos, head, d_head],
     attn_pattern is [batch, head, query, key]. With all_logits the logits are [batch, pos, vocab].
     skip_layers > 0 skips layers 0..skip_layers-1, feeding `skip_value` [batch, pos, d_model] to
@@ -98,20 +111,22 @@ def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), rea
             raise ExplorerInputError("Attention patterns can be read, not patched.")
         if iv.site == "qkv" and any(o.site == "qkv" and o.module != iv.module for o in interventions):
             raise ExplorerInputError("One pass can write only one query/key/value projection per layer.")
-        steps.setdefault(iv.order, (iv.site, iv.layer, [], False))[2].append(iv)
+        steps.setdefault(iv.order, (iv.site, iv.layer, [], False))[2].append(_on_model(lm, iv))
     for site, layer in reads:
         key = (layer, SITE_ORDER[site])
         s, l, ivs, _ = steps.get(key, (site, layer, [], False))
         steps[key] = (s, l, ivs, True)
-    input_ids = input_ids.to(lm.device)
+    input_ids = to_model(lm, input_ids)
+    if skip_value is not None:
+        skip_value = to_model(lm, skip_value)
     saved = {}
-    kwargs = {} if all_logits else {"logits_to_keep": 1 if keep is None else keep.to(lm.device)}
+    kwargs = {} if all_logits else {"logits_to_keep": 1 if keep is None else to_model(lm, keep)}
     if past_key_values is not None:  # not `cache=`: nnsight's trace takes that keyword for itself
         kwargs["past_key_values"] = past_key_values
     if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask.to(lm.device)
+        kwargs["attention_mask"] = to_model(lm, attention_mask)
     if position_ids is not None:
-        kwargs["position_ids"] = position_ids.to(lm.device)
+        kwargs["position_ids"] = to_model(lm, position_ids)
     if return_cache:
         kwargs["use_cache"] = True
     with lm.lock, torch.no_grad():
@@ -154,8 +169,18 @@ def run(lm, input_ids: torch.Tensor, interventions: list[Intervention] = (), rea
             output = lm.nn.output.save()
     lm.forward_calls += 1
     logits = output.logits if all_logits or keep is not None else output.logits[:, -1, :]
-    # Half precision is widened for the metric; float64 (numerical checks) is kept as it is.
-    logits = logits if logits.dtype == torch.float64 else logits.float()
+    logits = to_host(logits)  # half precision widened for the metric; float64 (numerical checks) kept
+    if not torch.isfinite(logits).all():
+        raise ExplorerInputError(_overflow_message(lm))
     if return_cache:
         return logits, dict(saved), output.past_key_values
     return logits, dict(saved)
+
+
+def _overflow_message(lm) -> str:
+    if lm.dtype in ("float16", "bfloat16"):
+        wider = "bfloat16 or float32" if lm.dtype == "float16" else "float32"
+        return (f"The model's activations overflowed to inf/NaN in {lm.dtype}, so no logit difference can be "
+                f"computed; load the model in {wider} (the dtype setting, or --dtype).")
+    return (f"The model produced inf/NaN logits in {lm.dtype}, which no precision setting explains: its "
+            "weights are probably broken. Check the model folder.")

@@ -11,7 +11,7 @@ import torch
 
 from explorer.adapters import Architecture, Sites, architecture_for
 from explorer.errors import ExplorerInputError
-from explorer.runtime import REPO_ROOT, cache_dir, configure_threads, pick_device, pick_dtype
+from explorer.runtime import REPO_ROOT, cache_dir, configure_threads, pick_device, pick_dtype, to_host
 
 DEMO_MODEL_DIR = REPO_ROOT / "explorer" / "demo" / "model"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -122,7 +122,7 @@ def load_model(model: str = "demo", device: str = "auto", dtype: str = "float32"
     _quiet_transformers()
     model_id, folder = resolve_model_path(model)
     device = pick_device(device)
-    torch_dtype = pick_dtype(dtype)
+    torch_dtype = pick_dtype(dtype, device)
     from transformers import AutoConfig
     source = str(folder) if folder else model
     try:
@@ -165,7 +165,7 @@ def _hash_tensors(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(to_host(tensor).float().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
