@@ -24,6 +24,7 @@ from explorer.dataset import pair_baselines
 from explorer.errors import ExplorerInputError
 from explorer.metrics import RELATIVE_DROP_FORMULA, SHIFT_FORMULA
 from explorer.prompts import PromptPair, TokenizedPair, tokenize_pair
+from explorer.runtime import HOST
 
 METHODS = ("zero", "mean", "resample")
 KIND_SITE = {"head": "head_out", "attn": "attn_out", "mlp": "mlp_out", "resid": "resid_post"}
@@ -156,9 +157,9 @@ def _interventions(rows_targets: list[list[Target]], method: str, positions, n_p
             value = 0.0
         else:
             value = torch.stack(g["values"])
-        out.append(engine.Intervention(site, layer, torch.tensor(g["rows"]),
-                                       torch.tensor(g["pos"]) if g["pos"] else None, value,
-                                       torch.tensor(g["heads"]) if has_head else None))
+        out.append(engine.Intervention(site, layer, torch.tensor(g["rows"], device=HOST),
+                                       torch.tensor(g["pos"], device=HOST) if g["pos"] else None, value,
+                                       torch.tensor(g["heads"], device=HOST) if has_head else None))
     return out
 
 
@@ -169,9 +170,9 @@ def ablated_lds(lm, ids: tuple, answers: tuple[int, int], rows_targets: list[lis
     if method != "zero" and reference is None:
         raise ExplorerInputError(f"{method} ablation needs a reference prompt set.")
     ivs = _interventions(rows_targets, method, positions, len(ids), tuple(ids), reference)
-    batch = torch.tensor([list(ids)]).expand(len(rows_targets), -1)
+    batch = torch.tensor([list(ids)], device=HOST).expand(len(rows_targets), -1)
     logits, _ = engine.run(lm, batch, ivs, answers=answers)
-    return (logits[:, 0] - logits[:, 1]).cpu().numpy()
+    return (logits[:, 0] - logits[:, 1]).numpy()
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def _set_lds(lm, tps: list[TokenizedPair], run: str, targets: list[Target], meth
                                          draw_base=i):
                     iv.rows = torch.full_like(iv.rows, row)
                     ivs.append(iv)
-            logits, _ = engine.run(lm, torch.tensor([list(s) for s in seqs]), ivs)
+            logits, _ = engine.run(lm, torch.tensor([list(s) for s in seqs], device=HOST), ivs)
             for row, i in enumerate(chunk):
                 out[i] = float(logits[row, tps[i].clean_answer_id] - logits[row, tps[i].corrupted_answer_id])
             done += len(chunk)

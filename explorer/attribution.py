@@ -17,6 +17,7 @@ from explorer.baseline import pair_lds
 from explorer.cache import get_activations
 from explorer.errors import ExplorerInputError
 from explorer.prompts import TokenizedPair
+from explorer.runtime import HOST, to_model
 
 ATTRIBUTION_FORMULA = "estimate = (a_clean − a_corr) · ∂LD/∂a at the corrupted run, / (LD_clean − LD_corr)"
 ATTR_SITES = ("resid_pre", "attn_out", "mlp_out", "head_out")
@@ -65,7 +66,7 @@ def attribution_patching(lm, tp: TokenizedPair, sites=ATTR_SITES) -> Attribution
     ld_clean, ld_corr = pair_lds(lm, tp, require_span=True)
     span = ld_clean - ld_corr
     a, b = tp.clean_answer_id, tp.corrupted_answer_id
-    ids = torch.tensor([list(tp.corrupted_ids)], device=lm.device)
+    ids = to_model(lm, torch.tensor([list(tp.corrupted_ids)], device=HOST))
     with lm.lock, torch.enable_grad():
         with lm.nn.trace(ids):
             embed = lm.sites.embed(lm.nn).output
@@ -85,7 +86,7 @@ def attribution_patching(lm, tp: TokenizedPair, sites=ATTR_SITES) -> Attribution
     grads = list(reversed(grads))
     rows = []
     for (site, layer), corr_act, grad in zip(reads, acts, grads):
-        delta = (clean[(site, layer)].to(grad.device).float() - corr_act[0].float().view(clean[(site, layer)].shape))
+        delta = to_model(lm, clean[(site, layer)], torch.float32) - corr_act[0].float().view(clean[(site, layer)].shape)
         g = grad[0].float().view(delta.shape)
         contrib = (delta * g)  # [pos, d] or [pos, head, d_head]
         if site == "head_out":

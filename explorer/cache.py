@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 
 from explorer import engine
-from explorer.runtime import cache_dir
+from explorer.runtime import HOST, cache_dir, to_host
 
 _MEMORY: OrderedDict[str, dict] = OrderedDict()
 _MEMO_LOCK = threading.Lock()
@@ -33,7 +33,8 @@ def _disk_path(key: str):
 
 
 def get_activations(lm, token_ids, reads: list[tuple[str, int]], use_disk: bool = True) -> tuple[torch.Tensor, dict]:
-    """(last-position logits [vocab], {(site, layer): tensor without the batch dim}) for one prompt."""
+    """(last-position logits [vocab], {(site, layer): tensor without the batch dim}) for one prompt,
+    on the CPU in float32 whatever the model's device and dtype."""
     from safetensors.torch import load_file, save_file
 
     reads = sorted(set(reads))
@@ -46,13 +47,13 @@ def get_activations(lm, token_ids, reads: list[tuple[str, int]], use_disk: bool 
     path = _disk_path(key) if use_disk else None
     if path is not None and path.is_file():
         flat = load_file(str(path))
-        acts = {(k.split(":")[0], int(k.split(":")[1])): v for k, v in flat.items() if k != "logits"}
-        entry = {"logits": flat["logits"], "acts": acts}
+        acts = {(k.split(":")[0], int(k.split(":")[1])): to_host(v) for k, v in flat.items() if k != "logits"}
+        entry = {"logits": to_host(flat["logits"]), "acts": acts}
     else:
-        ids = torch.tensor([list(token_ids)], dtype=torch.long)
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=HOST)
         logits, saved = engine.run(lm, ids, reads=reads)
-        acts = {k: v[0].detach().to("cpu").contiguous() for k, v in saved.items()}
-        entry = {"logits": logits[0].detach().cpu(), "acts": acts}
+        acts = {k: to_host(v[0]).contiguous() for k, v in saved.items()}
+        entry = {"logits": logits[0], "acts": acts}
         if path is not None:
             flat = {f"{s}:{l}": t for (s, l), t in acts.items()}
             flat["logits"] = entry["logits"].contiguous()

@@ -9,6 +9,7 @@ import torch
 from explorer import engine
 from explorer.errors import ExplorerInputError
 from explorer.prompts import PromptPair, tokenize_pair
+from explorer.runtime import HOST
 
 BATCH = 64
 
@@ -23,7 +24,7 @@ def last_logits(lm, sequences: list[tuple[int, ...]], progress=None) -> list[tor
     for _, idx in sorted(by_len.items()):
         for start in range(0, len(idx), BATCH):
             chunk = idx[start:start + BATCH]
-            logits, _ = engine.run(lm, torch.tensor([sequences[i] for i in chunk]))
+            logits, _ = engine.run(lm, torch.tensor([sequences[i] for i in chunk], device=HOST))
             for i, row in zip(chunk, logits):
                 out[i] = row
             done += len(chunk)

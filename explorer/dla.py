@@ -4,7 +4,8 @@ Each component's output (embedding, attention and MLP per layer, each head, bias
 pushed through the final norm *linearised at this run's final residual* (the scale, and
 the centring for LayerNorm, come from the same run: seed mistake 5 was leaving it out)
 and dotted with W_U[clean] - W_U[corrupted]. The components sum to the true logit
-difference; the result carries the residual error so the UI can show it.
+difference; the result carries the residual error so the UI can show it. The maths runs on the
+model's device in float32 (cached activations are moved there); only the frames leave.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from explorer.cache import get_activations
 from explorer.errors import ExplorerInputError
 from explorer.prompts import TokenizedPair, show_token, single_token_ids
+from explorer.runtime import to_model
 
 DLA_FORMULA = ("DLA(c) = norm_lin(c) · (W_U[clean_answer] − W_U[corrupted_answer]), norm_lin = final norm with "
                "the scale (and centring, for LayerNorm) frozen at this run's final residual")
@@ -31,10 +33,11 @@ def _eps(norm) -> float:
 class FrozenNorm:
     """The final norm, linearised at one residual vector x: a linear map plus a bias."""
 
-    def __init__(self, lm, x_final: torch.Tensor):  # x_final: [d_model]
+    def __init__(self, lm, x_final: torch.Tensor):  # x_final: [d_model], on any device
         fam = lm.arch.family
         norm = lm.sites.final_norm(lm.torch_model)
-        x = x_final.float()
+        self.lm = lm
+        x = to_model(lm, x_final, torch.float32)
         self.layernorm = fam.norm_kind == "layernorm"
         eps = _eps(norm)
         if self.layernorm:
@@ -46,10 +49,11 @@ class FrozenNorm:
         bias = getattr(norm, "bias", None)
         self.bias = bias.detach().float() if bias is not None else None
         with torch.no_grad():  # how well the linearisation reproduces the real module at x
-            self.check_error = float((norm(x_final.unsqueeze(0)).float()[0] - self(x, with_bias=True)).abs().max())
+            real = norm(to_model(lm, x_final).unsqueeze(0)).float()[0]  # the module in the model's own dtype
+            self.check_error = float((real - self(x, with_bias=True)).abs().max())
 
-    def __call__(self, c: torch.Tensor, with_bias: bool = False) -> torch.Tensor:  # c: [..., d_model]
-        c = c.float()
+    def __call__(self, c: torch.Tensor, with_bias: bool = False) -> torch.Tensor:  # c: [..., d_model], any device
+        c = to_model(self.lm, c, torch.float32)
         if self.layernorm:
             c = c - c.mean(-1, keepdim=True)
         out = c * self.scale * self.gain
@@ -76,10 +80,11 @@ def o_proj_bias(lm, layer: int):
 
 
 def head_contributions(lm, layer: int, z: torch.Tensor) -> torch.Tensor:
-    """z: [head, d_head] at one position -> each head's write to the residual [head, d_model]."""
+    """z: [head, d_head] at one position (any device) -> each head's write to the residual [head, d_model],
+    on the model's device in float32."""
     w = o_proj_weight(lm, layer)
     n_heads = z.shape[0]
-    return torch.einsum("hd,mhd->hm", z.float(), w.view(w.shape[0], n_heads, -1))
+    return torch.einsum("hd,mhd->hm", to_model(lm, z, torch.float32), w.view(w.shape[0], n_heads, -1))
 
 
 def softcap(lm) -> float | None:

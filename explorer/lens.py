@@ -8,6 +8,7 @@ import torch
 
 from explorer.cache import get_activations
 from explorer.prompts import TokenizedPair, show_token
+from explorer.runtime import to_host, to_model
 
 LENS_FORMULA = "lens logits(l) = W_U · final_norm(resid_post[l][last]); LD(l) from those logits"
 
@@ -29,7 +30,7 @@ def logit_lens(lm, tp: TokenizedPair, top_k: int = 5) -> LensResult:
         _, acts = get_activations(lm, ids, reads)
         stack = torch.stack([acts[("resid_pre", 0)][-1]] + [acts[("resid_post", l)][-1] for l in range(L)])
         with torch.no_grad():
-            logits = head(norm(stack.to(head.weight.device, head.weight.dtype))).float().cpu()  # [L+1, vocab]
+            logits = to_host(head(norm(to_model(lm, stack))))  # [L+1, vocab]
         probs = torch.softmax(logits, -1)
         for i in range(L + 1):
             top = probs[i].topk(top_k).indices.tolist()

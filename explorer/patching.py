@@ -21,6 +21,7 @@ from explorer.cache import get_activations, load_result, result_key, save_result
 from explorer.errors import ExplorerInputError
 from explorer.metrics import metric_formula, metric_name, patch_effect
 from explorer.prompts import TokenizedPair
+from explorer.runtime import HOST, to_model
 
 LAST = -1  # position sentinel: the last position of each run (works for unequal lengths)
 DIRECTIONS = ("denoise", "noise")
@@ -114,9 +115,9 @@ def _interventions(patches: list[Patch], source: dict, source_len: int, target_l
     out = []
     for (site, layer, all_pos, has_head), g in groups.items():
         out.append(engine.Intervention(
-            site=site, layer=layer, rows=torch.tensor(g["rows"]),
-            pos=None if all_pos else torch.tensor(g["pos"]),
-            heads=torch.tensor(g["heads"]) if has_head else None,
+            site=site, layer=layer, rows=torch.tensor(g["rows"], device=HOST),
+            pos=None if all_pos else torch.tensor(g["pos"], device=HOST),
+            heads=torch.tensor(g["heads"], device=HOST) if has_head else None,
             value=torch.stack(g["values"])))
     return out
 
@@ -170,11 +171,13 @@ def _pair_state(lm, src_ids: tuple, tgt_ids: tuple, reads: list[tuple[str, int]]
     if hit is not None:
         return hit
     same = len(src_ids) == len(tgt_ids)
-    ids = torch.tensor([list(src_ids), list(tgt_ids)] if same else [list(tgt_ids)])
+    ids = torch.tensor([list(src_ids), list(tgt_ids)] if same else [list(tgt_ids)], device=HOST)
     out = engine.run(lm, ids, reads=reads, return_cache=want_cache)
     logits, saved, row = out[0], out[1], 1 if same else 0
+    # Reads stay on the model's device; the cached source run (CPU, float32) joins them there.
     target = {k: v[row] for k, v in saved.items()}
-    source = {k: v[0] for k, v in saved.items()} if same else get_activations(lm, src_ids, reads)[1]
+    source = ({k: v[0] for k, v in saved.items()} if same else
+              {k: to_model(lm, v) for k, v in get_activations(lm, src_ids, reads)[1].items()})
     kv = [(layer.keys[row:row + 1], layer.values[row:row + 1]) for layer in out[2].layers] if want_cache else None
     hit = (source, target, logits[row], kv)
     _PAIR_MEMO.clear()  # one pair at a time is enough for a sweep
@@ -191,7 +194,7 @@ def _rows(cells, source, target, n_src: int, n_tgt: int, trim: bool = True) -> l
         if cell.head is not None:
             src, tgt = src[:, cell.head], tgt[:, cell.head]
         if cell.pos is None:  # all positions (equal lengths): write from the first that differs
-            differs = (src != tgt).reshape(n_tgt, -1).any(1).nonzero() if trim else torch.zeros(1, 1)
+            differs = (src != tgt).reshape(n_tgt, -1).any(1).nonzero() if trim else torch.zeros(1, 1, device=HOST)
             first = int(differs[0]) if len(differs) else None
             rows.append(None if first is None else _Row(i, cell, first, list(range(first, n_tgt)), src[first:]))
         else:
@@ -227,7 +230,8 @@ def _unit_costs(lm) -> tuple[float, float]:
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[query, key] booleans -> the [1, 1, query, key] additive mask eager attention adds to its scores."""
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 def _fill(rows: list[_Row], n_pos: int, budget: int) -> list[list[_Row]]:
@@ -246,10 +250,11 @@ def _fill(rows: list[_Row], n_pos: int, budget: int) -> list[list[_Row]]:
 def _packed(chunk: list[_Row], n_pos: int, start: int = 0):
     """Rows end to end from packed index `start`: lengths, offsets (each row's first index), the real
     position of every packed token and the row it belongs to."""
-    lengths = torch.tensor([n_pos - r.first for r in chunk], dtype=torch.long)
+    lengths = torch.tensor([n_pos - r.first for r in chunk], dtype=torch.long, device=HOST)
     offsets = start + torch.cumsum(lengths, 0) - lengths
-    positions = torch.cat([torch.arange(r.first, n_pos) for r in chunk] or [torch.zeros(0, dtype=torch.long)])
-    return lengths, offsets, positions, torch.repeat_interleave(torch.arange(len(chunk)), lengths)
+    positions = torch.cat([torch.arange(r.first, n_pos, device=HOST) for r in chunk]
+                          or [torch.zeros(0, dtype=torch.long, device=HOST)])
+    return lengths, offsets, positions, torch.repeat_interleave(torch.arange(len(chunk), device=HOST), lengths)
 
 
 def _one_pass_chunks(rows: list[_Row], n_tgt: int, n_fixed: int) -> list[list[_Row]]:
@@ -285,29 +290,32 @@ def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, shared: 
     done, found = n_patches - len(rows), {}
     for chunk in _one_pass_chunks(rows, n_tgt, n_fixed):
         lengths, offsets, row_positions, row_owner = _packed(chunk, n_tgt, n_fixed)
-        positions = torch.cat([torch.arange(n_tgt), torch.arange(shared, n_src), row_positions])
+        positions = torch.cat([torch.arange(n_tgt, device=HOST), torch.arange(shared, n_src, device=HOST),
+                               row_positions])
         # owner: -1 target segment, -2 source segment, j >= 0 patched row j
-        owner = torch.cat([torch.full((n_tgt,), -1), torch.full((n_src - shared,), -2), row_owner])
-        firsts = torch.tensor([shared, 0] + [r.first for r in chunk])[owner + 2]
+        owner = torch.cat([torch.full((n_tgt,), -1, device=HOST), torch.full((n_src - shared,), -2, device=HOST),
+                           row_owner])
+        firsts = torch.tensor([shared, 0] + [r.first for r in chunk], device=HOST)[owner + 2]
         allowed = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])
         allowed |= (owner[:, None] != -1) & (owner[None, :] == -1) & (positions[None, :] < firsts[:, None])
         mask = _additive_mask(allowed, lm.torch_model.dtype)
-        ids = torch.tensor(list(tgt_ids) + list(src_ids[shared:]) + [t for r in chunk for t in tgt_ids[r.first:]])[None]
+        ids = torch.tensor(list(tgt_ids) + list(src_ids[shared:]) + [t for r in chunk for t in tgt_ids[r.first:]],
+                           device=HOST)[None]
         groups: dict = {}
         for j, row in enumerate(chunk):
             g = groups.setdefault((row.cell.site, row.cell.layer, row.cell.head is not None), ([], [], []))
             g[0].extend(int(offsets[j]) + p - row.first for p in row.positions)
             g[1].extend(n_tgt + p - shared if p >= shared else p for p in row.sources)
             g[2].extend([row.cell.head] * len(row.positions))
-        zeros = lambda n: torch.zeros(n, dtype=torch.long)  # batch row 0: one packed sequence
-        ivs = [engine.Intervention(site, layer, zeros(len(g[0])), torch.tensor(g[0]), 0.0,
-                                   torch.tensor(g[2]) if has_head else None,
-                                   copy_from=(zeros(len(g[1])), torch.tensor(g[1])))
+        zeros = lambda n: torch.zeros(n, dtype=torch.long, device=HOST)  # batch row 0: one packed sequence
+        ivs = [engine.Intervention(site, layer, zeros(len(g[0])), torch.tensor(g[0], device=HOST), 0.0,
+                                   torch.tensor(g[2], device=HOST) if has_head else None,
+                                   copy_from=(zeros(len(g[1])), torch.tensor(g[1], device=HOST)))
                for (site, layer, has_head), g in groups.items()]
-        keep = torch.cat([torch.tensor([n_tgt - 1]), offsets + lengths - 1])
+        keep = torch.cat([torch.tensor([n_tgt - 1], device=HOST), offsets + lengths - 1])
         logits, _ = engine.run(lm, ids, ivs, keep=keep, attention_mask=mask, position_ids=positions[None],
                                answers=answers)
-        lds = (logits[0, :, 0] - logits[0, :, 1]).cpu().numpy()
+        lds = (logits[0, :, 0] - logits[0, :, 1]).numpy()
         found.update({r.index: ld for r, ld in zip(chunk, lds[1:])})
         done += len(chunk)
         if progress:
@@ -372,14 +380,15 @@ def _run_pass(lm, chunk: list[_Row], tgt_ids: torch.Tensor, target: dict, full_k
     mask = position_ids = keep = None
     if packed:  # row i occupies packed indices offset_i .. offset_i + n - first_i - 1
         lengths, offsets, positions, owner = _packed(chunk, n_pos)
-        sees_past = torch.arange(n_past)[None, :] < torch.tensor([r.first for r in chunk])[owner][:, None]
+        firsts = torch.tensor([r.first for r in chunk], device=HOST)
+        sees_past = torch.arange(n_past, device=HOST)[None, :] < firsts[owner][:, None]
         sees_row = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])
         allowed = torch.cat([sees_past, sees_row], 1)
         mask = _additive_mask(allowed, lm.torch_model.dtype)
         ids, keep, position_ids, batch = tgt_ids[positions][None], offsets + lengths - 1, positions[None], 1
         where = lambda j, p: (0, int(offsets[j]) + p - chunk[j].first)
     else:  # one batch row each, all starting at position n_past
-        positions = torch.arange(n_past, n_pos)
+        positions = torch.arange(n_past, n_pos, device=HOST)
         ids, batch = tgt_ids[n_past:].expand(n_rows, -1), n_rows
         where = lambda j, p: (j, p - n_past)
     cache = None
@@ -398,8 +407,8 @@ def _run_pass(lm, chunk: list[_Row], tgt_ids: torch.Tensor, target: dict, full_k
             g[1].append(q)
             g[2].append(row.cell.head)
             g[3].append(value)
-    ivs = [engine.Intervention(site, layer, torch.tensor(g[0]), torch.tensor(g[1]), torch.stack(g[3]),
-                               torch.tensor(g[2]) if has_head else None)
+    ivs = [engine.Intervention(site, layer, torch.tensor(g[0], device=HOST), torch.tensor(g[1], device=HOST),
+                               torch.stack(g[3]), torch.tensor(g[2], device=HOST) if has_head else None)
            for (site, layer, has_head), g in groups.items()]
     skip_value = None
     if start > 0:  # a fresh copy: patches at resid_pre[start] write into it in place
@@ -440,9 +449,9 @@ def _fast_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progr
     if not packed:
         todo = [_Row(r.index, r.cell, 0, r.positions, r.values) for r in todo]
     chunks = [c for block in _layer_blocks(lm, todo, n_tgt)[0] for c in _chunks(block, n_tgt)]
-    ids, done = torch.tensor(list(tgt_ids)), len(patches) - len(todo)
+    ids, done = torch.tensor(list(tgt_ids), device=HOST), len(patches) - len(todo)
     for chunk in chunks:
-        out[[r.index for r in chunk]] = _run_pass(lm, chunk, ids, target, full_kv, (a, b)).cpu().numpy()
+        out[[r.index for r in chunk]] = _run_pass(lm, chunk, ids, target, full_kv, (a, b)).numpy()
         done += len(chunk)
         if progress:
             progress(done / len(patches), f"{done}/{len(patches)} patches")
@@ -468,13 +477,13 @@ def patched_logit_diffs(lm, tp: TokenizedPair, patches: list[Patch], direction: 
     reads = sorted({(c.site, c.layer) for p in patches for c in p})
     _, source = get_activations(lm, src_ids, reads)
     rows_per_pass = max(1, TOKEN_BUDGET // len(tgt_ids))
-    target = torch.tensor([tgt_ids], dtype=torch.long)
+    target = torch.tensor([tgt_ids], dtype=torch.long, device=HOST)
     out = np.empty(len(patches))
     for start in range(0, len(patches), rows_per_pass):
         chunk = patches[start:start + rows_per_pass]
         ivs = _interventions(chunk, source, len(src_ids), len(tgt_ids))
         logits, _ = engine.run(lm, target.expand(len(chunk), -1), ivs)
-        out[start:start + len(chunk)] = (logits[:, tp.clean_answer_id] - logits[:, tp.corrupted_answer_id]).cpu().numpy()
+        out[start:start + len(chunk)] = (logits[:, tp.clean_answer_id] - logits[:, tp.corrupted_answer_id]).numpy()
         if progress:
             done = min(start + len(chunk), len(patches))
             progress(done / len(patches), f"{done}/{len(patches)} patches")

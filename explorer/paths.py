@@ -25,6 +25,7 @@ from explorer.errors import ExplorerInputError
 from explorer.metrics import patch_effect
 from explorer.patching import PatchResult
 from explorer.prompts import TokenizedPair
+from explorer.runtime import HOST, to_model
 
 
 def parse_receiver(text: str, arch) -> tuple:
@@ -60,29 +61,31 @@ def path_patch(lm, tp: TokenizedPair, receiver: tuple, senders: list[tuple[int, 
     base_read = ("resid_post", last_layer) if to_logits else ("resid_pre", r_layer)
     _, clean = get_activations(lm, tp.clean_ids, site_reads)
     _, corr = get_activations(lm, tp.corrupted_ids, site_reads + [base_read])
+    # The direct terms are summed in float32 on the model's device, then enter its modules in its dtype.
     delta = torch.stack([_direct_write(lm, l, h, clean[("head_out", l)] - corr[("head_out", l)]) for l, h in senders])
-    resid = corr[base_read].unsqueeze(0) + delta  # [sender, pos, d_model]
+    resid = to_model(lm, corr[base_read], torch.float32).unsqueeze(0) + delta  # [sender, pos, d_model]
     a, b = tp.clean_answer_id, tp.corrupted_answer_id
     if to_logits:
         with torch.no_grad():
-            final = sites.final_norm(lm.torch_model)(resid[:, -1].to(lm.device))
-            logits = sites.unembed(lm.torch_model)(final).float().cpu()
-        lds = (logits[:, a] - logits[:, b]).numpy()
+            final = sites.final_norm(lm.torch_model)(to_model(lm, resid[:, -1]))
+            logits = sites.unembed(lm.torch_model)(final)[:, [a, b]].float()
+        lds = (logits[:, 0] - logits[:, 1]).tolist()
     else:
         layer, head, which = receiver
         path, chunks, index = sites.qkv_slot(layer, head, which)
         proj = get_path(sites.layer(lm.torch_model, layer), path)
         with torch.no_grad():
-            out = proj(sites.input_norm(lm.torch_model, layer)(resid.to(lm.device)))  # [sender, pos, chunks*d_head]
+            out = proj(sites.input_norm(lm.torch_model, layer)(to_model(lm, resid)))  # [sender, pos, chunks*d_head]
         value = out.view(out.shape[0], out.shape[1], chunks, -1)[:, :, index]  # [sender, pos, d_head]
         n = len(senders)
-        iv = engine.Intervention("qkv", layer, torch.arange(n), None, value, torch.full((n,), index), module=(path, chunks))
+        iv = engine.Intervention("qkv", layer, torch.arange(n, device=HOST), None, value,
+                                 torch.full((n,), index, device=HOST), module=(path, chunks))
         # Layers before the receiver are untouched by a write at the receiver: skip them,
         # feeding the receiver layer the corrupted run's cached residual.
         skip_value = corr[base_read].unsqueeze(0).expand(n, -1, -1).clone()
-        logits, _ = engine.run(lm, torch.tensor([list(tp.corrupted_ids)]).expand(n, -1), [iv],
+        logits, _ = engine.run(lm, torch.tensor([list(tp.corrupted_ids)], device=HOST).expand(n, -1), [iv],
                                skip_layers=layer, skip_value=skip_value, answers=(a, b))
-        lds = (logits[:, 0] - logits[:, 1]).cpu().numpy()
+        lds = (logits[:, 0] - logits[:, 1]).numpy()
     ld_clean, ld_corr = pair_lds(lm, tp, require_span=True)
     frame = pd.DataFrame([{"layer": l, "head": h, "head_label": arch.head_label(l, h)} for l, h in senders])
     frame["ld_patched"] = lds

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from explorer.errors import ExplorerInputError
+from explorer.runtime import HOST
 
 REQUIRED_FIELDS = ("clean", "corrupted", "clean_answer", "corrupted_answer")
 CATEGORIES = ("headline", "control")
@@ -59,10 +60,10 @@ class TokenizedPair:
         return [i for i, (a, b) in enumerate(zip(self.clean_ids, self.corrupted_ids)) if a != b]
 
     def clean_tensor(self) -> torch.Tensor:  # [1, pos]
-        return torch.tensor([self.clean_ids], dtype=torch.long)
+        return torch.tensor([self.clean_ids], dtype=torch.long, device=HOST)
 
     def corrupted_tensor(self) -> torch.Tensor:  # [1, pos]
-        return torch.tensor([self.corrupted_ids], dtype=torch.long)
+        return torch.tensor([self.corrupted_ids], dtype=torch.long, device=HOST)
 
     def require_same_length(self, what: str) -> None:
         if not self.same_length:

@@ -5,6 +5,8 @@ input side is read through the embedding (with the layer's input-norm gain), its
 side through the unembedding (with the final-norm gain): output directions live in
 logit space, not embedding space (seed mistake 6). Rotary embeddings and q/k norms are
 outside these matrices, so the QK view shows content matching only.
+The per-head matrices are small and come back on the CPU (the SVD runs there: MPS has none);
+products with the embedding and unembedding run on the model's device.
 """
 from __future__ import annotations
 
@@ -16,10 +18,13 @@ import torch
 from explorer.adapters import LINEAR
 from explorer.errors import ExplorerInputError
 from explorer.prompts import show_token, single_token_ids
+from explorer.runtime import to_host, to_model
 
 
 @dataclass(frozen=True)
 class HeadWeights:
+    """One head's projections, on the CPU in float32."""
+
     q: torch.Tensor  # [d_head, d_model]
     k: torch.Tensor
     v: torch.Tensor
@@ -52,12 +57,13 @@ def head_weights(lm, layer: int, head: int) -> HeadWeights:
         k = attn.k_proj.weight.detach().float()[kv * hd:(kv + 1) * hd]
         v = attn.v_proj.weight.detach().float()[kv * hd:(kv + 1) * hd]
         o = attn.o_proj.weight.detach().float()[:, head * hd:(head + 1) * hd]
-    return HeadWeights(q, k, v, o)
+    return HeadWeights(to_host(q), to_host(k), to_host(v), to_host(o))
 
 
-def _gain(norm, offset: float, d: int) -> torch.Tensor:
+def _gain(norm, offset: float, like: torch.Tensor) -> torch.Tensor:
+    """The norm's gain [d_model] on the device and dtype of `like`; ones for a norm without weights."""
     w = getattr(norm, "weight", None)
-    return (w.detach().float() + offset) if w is not None else torch.ones(d)
+    return (w.detach().float() + offset) if w is not None else torch.ones_like(like)
 
 
 def _input_norm(lm, layer: int):
@@ -73,8 +79,8 @@ def _readers(lm, layer: int):
     fam = lm.arch.family
     w_e = lm.sites.embed(lm.torch_model).weight.detach().float()
     w_u = lm.sites.unembed(lm.torch_model).weight.detach().float()
-    g_in = _gain(_input_norm(lm, layer), fam.norm_weight_offset, lm.arch.d_model)
-    g_out = _gain(lm.sites.final_norm(lm.torch_model), fam.norm_weight_offset, lm.arch.d_model)
+    g_in = _gain(_input_norm(lm, layer), fam.norm_weight_offset, w_e[0])
+    g_out = _gain(lm.sites.final_norm(lm.torch_model), fam.norm_weight_offset, w_u[0])
     return w_e * g_in, w_u * g_out
 
 
@@ -84,6 +90,7 @@ def ov_circuit(lm, layer: int, head: int, n_directions: int = 4, k: int = 8) -> 
     m = w.o @ w.v  # [d_model, d_model]: residual read -> residual written
     u, s, vh = torch.linalg.svd(m)
     emb, unemb = _readers(lm, layer)
+    u, vh = to_model(lm, u, torch.float32), to_model(lm, vh, torch.float32)
     rows = []
     for i in range(min(n_directions, len(s))):
         reads = emb @ vh[i]
@@ -102,6 +109,7 @@ def qk_circuit(lm, layer: int, head: int, n_directions: int = 4, k: int = 8) -> 
     m = w.q.T @ w.k  # [d_model (query side), d_model (key side)]
     u, s, vh = torch.linalg.svd(m)
     emb, _ = _readers(lm, layer)
+    u, vh = to_model(lm, u, torch.float32), to_model(lm, vh, torch.float32)
     rows = []
     for i in range(min(n_directions, len(s))):
         q_tokens = (emb @ u[:, i]).topk(k).indices.tolist()
@@ -118,7 +126,7 @@ def ov_token_matrix(lm, layer: int, head: int, tokens: list[str]) -> pd.DataFram
     ids = single_token_ids(lm.tokenizer, tokens)
     w = head_weights(lm, layer, head)
     emb, unemb = _readers(lm, layer)
-    values = (emb[ids] @ (w.o @ w.v).T) @ unemb[ids].T  # [input token, output token]
+    values = to_host((emb[ids] @ to_model(lm, (w.o @ w.v).T, torch.float32)) @ unemb[ids].T)  # [input, output token]
     rows = [{"input_token": tokens[i], "output_token": tokens[j], "logit": float(values[i, j])}
             for i in range(len(ids)) for j in range(len(ids))]
     return pd.DataFrame(rows)
