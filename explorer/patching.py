@@ -320,7 +320,7 @@ def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, shared: 
         done += len(chunk)
         if progress:
             progress(done / n_patches, f"{done}/{n_patches} patches")
-    out = np.full(n_patches, lds[0])  # patches that change nothing: the target run's LD
+    out = np.full(n_patches, float(lds[0]))  # unchanged patches: the target run's LD; float64 like other paths
     out[list(found)] = list(found.values())
     return out
 
