@@ -15,7 +15,9 @@ PAIR = PromptPair("w3 w7 w11 w5 w9 w2", "w3 w8 w11 w5 w9 w2", "w4", "w6")
 @pytest.fixture(scope="module")
 def llama64(tmp_path_factory):
     from explorer.tiny import build_tiny_model
-    return load_model(str(build_tiny_model("llama", tmp_path_factory.mktemp("l64"), seed=3)), dtype="float64")
+    # float64 is the CPU-only checking dtype: this model stays on the CPU whatever the test device.
+    return load_model(str(build_tiny_model("llama", tmp_path_factory.mktemp("l64"), seed=3)), device="cpu",
+                      dtype="float64")
 
 
 def finite_difference(lm, tp, site, layer, pos, head, alpha=1e-2):

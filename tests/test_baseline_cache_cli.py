@@ -10,12 +10,20 @@ from explorer import cache
 from explorer.baseline import baseline
 from explorer.prompts import PromptPair, tokenize_pair
 from explorer.runtime import REPO_ROOT
+from tests.conftest import HALF, cli_model_args, tol
+from tests.device_guard import paused
 
 DEMO_PAIR = PromptPair("Then , Anna and Tom had fun at the park . Tom gave a key to",
                        "Then , Anna and Tom had fun at the park . Anna gave a key to", "Anna", "Tom")
 
 
 def plain_transformers_ld(folder, pair):
+    """The reference: plain transformers, float32, on the CPU (where the device guard cannot follow it)."""
+    with paused():
+        return _plain_transformers_ld(folder, pair)
+
+
+def _plain_transformers_ld(folder, pair):
     from transformers import AutoModelForCausalLM
     from explorer.models import load_tokenizer
     tok = load_tokenizer(folder)
@@ -37,12 +45,12 @@ def run_cli(*args):
 def test_cli_baseline_json_equals_plain_transformers():
     from explorer.models import DEMO_MODEL_DIR
     proc = run_cli("baseline", "--model", "demo", "--clean", DEMO_PAIR.clean, "--corrupted", DEMO_PAIR.corrupted,
-                   "--clean-answer", "Anna", "--corrupted-answer", "Tom", "--json")
+                   "--clean-answer", "Anna", "--corrupted-answer", "Tom", "--json", *cli_model_args())
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     ref_clean, ref_corr = plain_transformers_ld(DEMO_MODEL_DIR, DEMO_PAIR)
-    assert out["ld_clean"] == pytest.approx(ref_clean, abs=1e-5)
-    assert out["ld_corrupted"] == pytest.approx(ref_corr, abs=1e-5)
+    assert out["ld_clean"] == pytest.approx(ref_clean, abs=tol("wide", fp32=1e-5))
+    assert out["ld_corrupted"] == pytest.approx(ref_corr, abs=tol("wide", fp32=1e-5))
     assert len([r for r in out["top_tokens"] if r["run"] == "clean"]) == 10
     assert out["top_tokens"][0]["token"] == "Anna"
 
@@ -83,7 +91,7 @@ def test_cli_bad_input_in_a_real_process():
 
 def test_cli_patch_json_records():
     proc = run_cli("patch", "--clean", DEMO_PAIR.clean, "--corrupted", DEMO_PAIR.corrupted, "--clean-answer", "Anna",
-                   "--corrupted-answer", "Tom", "--site", "head_out", "--positions", "all", "--json")
+                   "--corrupted-answer", "Tom", "--site", "head_out", "--positions", "all", "--json", *cli_model_args())
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert len(out["records"]) == 4 * 8 and {"layer", "head", "recovery"} <= set(out["records"][0])
@@ -96,7 +104,7 @@ def test_cli_patch_over_a_prompt_set(demo_model, capsys):
     from explorer.prompts import load_prompt_set
     path = REPO_ROOT / "prompts" / "demo_factual_recall.jsonl"
     assert main(["patch", "--prompts", str(path), "--max-pairs", "3", "--site", "resid_post", "--positions", "last",
-                 "--direction", "noise", "--json"]) == 0
+                 "--direction", "noise", "--json", *cli_model_args()]) == 0
     out = json.loads(capsys.readouterr().out)
     ref = sweep_over_pairs(demo_model, load_prompt_set(path).by_category("headline")[:3], "resid_post", "last", "noise")
     assert [r["mean_damage"] for r in out["records"]] == pytest.approx(list(ref.summary["mean_damage"]), abs=1e-6)
@@ -126,14 +134,14 @@ def test_revisit_runs_no_forward_pass(demo_model):
 
 def _pair_args():
     return ["--clean", DEMO_PAIR.clean, "--corrupted", DEMO_PAIR.corrupted, "--clean-answer", "Anna",
-            "--corrupted-answer", "Tom", "--json"]
+            "--corrupted-answer", "Tom", "--json", *cli_model_args()]
 
 
 def test_cli_analysis_commands(capsys, tmp_path):
     from explorer.cli import main
     assert main(["dla", *_pair_args()]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert abs(out["error"]) < 1e-4 * abs(out["ld_true"])
+    assert abs(out["error"]) < (tol("check") if HALF else 1e-4 * abs(out["ld_true"]))
     assert main(["lens", *_pair_args()]) == 0
     lens = json.loads(capsys.readouterr().out)
     assert {r["run"] for r in lens["records"]} == {"clean", "corrupted"}
@@ -145,7 +153,7 @@ def test_cli_analysis_commands(capsys, tmp_path):
     assert -1 <= json.loads(capsys.readouterr().out)["spearman"] <= 1
     card_path = tmp_path / "card.json"
     assert main(["run", "--prompts", str(REPO_ROOT / "prompts" / "demo_induction.jsonl"), "--targets", "L2 attn",
-                 "--max-pairs", "20", "--n-random", "2", "--card", str(card_path), "--json"]) == 0
+                 "--max-pairs", "20", "--n-random", "2", "--card", str(card_path), "--json", *cli_model_args()]) == 0
     card = json.loads(card_path.read_text())
     assert card["status"] in ("pass", "pass_with_warnings", "fail")
     assert {"tool_version", "model", "dataset", "parameters", "metrics", "thresholds", "warnings", "timestamp"} <= set(card)

@@ -7,6 +7,7 @@ from explorer.baseline import pair_lds
 from explorer.errors import ExplorerInputError
 from explorer.patching import LAST, Cell, head_set_patch, head_sweep, patch_sweep, patched_logit_diffs
 from explorer.prompts import PromptPair, tokenize_pair
+from tests.conftest import load_test_model, model_ids, tol
 
 PAIR = PromptPair(clean="w3 w7 w11 w5 w9 w2", corrupted="w3 w8 w11 w5 w9 w2", clean_answer="w4", corrupted_answer="w6")
 
@@ -16,7 +17,8 @@ def _first(args, kwargs):
 
 
 def hook_patch_ld(lm, src_ids, tgt_ids, site, layer, pos, head, clean_id, corr_id):
-    """Reference: capture the source activation with a hook, then overwrite it in the target run."""
+    """Reference: capture the source activation with a hook, then overwrite it in the target run (on the
+    model's device)."""
     model, sites = lm.torch_model, lm.sites
     n_heads = lm.arch.heads_in(layer)
     module = {"resid_pre": sites.layer, "resid_post": sites.layer, "attn_out": sites.mixer,
@@ -54,10 +56,10 @@ def hook_patch_ld(lm, src_ids, tgt_ids, site, layer, pos, head, clean_id, corr_i
             h = module.register_forward_pre_hook(lambda m, a, k: capture(m, a, k), with_kwargs=True)
         else:
             h = module.register_forward_hook(capture, with_kwargs=True)
-        model(torch.tensor([src_ids]))
+        model(model_ids(lm, src_ids))
         h.remove()
         h = module.register_forward_pre_hook(pre, with_kwargs=True) if uses_input else module.register_forward_hook(post, with_kwargs=True)
-        logits = model(torch.tensor([tgt_ids])).logits[0, -1]
+        logits = model(model_ids(lm, tgt_ids)).logits[0, -1]
         h.remove()
     return float(logits[clean_id] - logits[corr_id])
 
@@ -72,14 +74,14 @@ def test_layer_position_sweep_matches_hooks(tiny_model, family, site):
     for row in res.frame.itertuples():
         ref = hook_patch_ld(lm, tp.clean_ids, tp.corrupted_ids, site, row.layer, row.pos, None,
                             tp.clean_answer_id, tp.corrupted_answer_id)
-        assert row.ld_patched == pytest.approx(ref, abs=1e-4)
+        assert row.ld_patched == pytest.approx(ref, abs=tol("ref"))
     # noise direction on a couple of cells
     res = patch_sweep(lm, tp, site, "all", "noise")
     for row in res.frame.itertuples():
         ref = hook_patch_ld(lm, tp.corrupted_ids, tp.clean_ids, site, row.layer, None, None,
                             tp.clean_answer_id, tp.corrupted_answer_id)
-        assert row.ld_patched == pytest.approx(ref, abs=1e-4)
-        assert row.damage == pytest.approx((res.ld_clean - ref) / (res.ld_clean - res.ld_corrupted), abs=1e-4)
+        assert row.ld_patched == pytest.approx(ref, abs=tol("ref"))
+        assert row.damage == pytest.approx((res.ld_clean - ref) / (res.ld_clean - res.ld_corrupted), abs=tol("ref"))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox", "qwen3_5"])
@@ -92,7 +94,7 @@ def test_head_sweeps_match_hooks(tiny_model, family):
             pos = None if positions == "all" else row.pos
             ref = hook_patch_ld(lm, tp.clean_ids, tp.corrupted_ids, "head_out", row.layer, pos, row.head,
                                 tp.clean_answer_id, tp.corrupted_answer_id)
-            assert row.ld_patched == pytest.approx(ref, abs=1e-4)
+            assert row.ld_patched == pytest.approx(ref, abs=tol("ref"))
 
 
 def test_identities(tiny_model):
@@ -100,16 +102,16 @@ def test_identities(tiny_model):
     tp = tokenize_pair(lm.tokenizer, PAIR)
     last_layer = lm.arch.n_layers - 1
     res = patch_sweep(lm, tp, "resid_post", "last", "denoise", layers=[last_layer])
-    assert res.frame["recovery"].iloc[0] == pytest.approx(1.0, abs=1e-5)
+    assert res.frame["recovery"].iloc[0] == pytest.approx(1.0, abs=tol("check"))
     res = patch_sweep(lm, tp, "resid_post", "last", "noise", layers=[last_layer])
-    assert res.frame["damage"].iloc[0] == pytest.approx(1.0, abs=1e-5)
+    assert res.frame["damage"].iloc[0] == pytest.approx(1.0, abs=tol("check"))
     lds = patched_logit_diffs(lm, tp, [()], "denoise")  # patching nothing
-    assert lds[0] == pytest.approx(res.ld_corrupted, abs=1e-6)
+    assert lds[0] == pytest.approx(res.ld_corrupted, abs=tol("same", fp32=1e-6))
     # All heads of a layer together equal the attention output of that layer (o_proj is linear).
     heads = [(0, h) for h in range(lm.arch.n_heads)]
     joint = head_set_patch(lm, tp, heads, "all")
     attn = patch_sweep(lm, tp, "attn_out", "all", layers=[0])
-    assert joint.joint_effect == pytest.approx(attn.frame["recovery"].iloc[0], abs=1e-5)
+    assert joint.joint_effect == pytest.approx(attn.frame["recovery"].iloc[0], abs=tol("check"))
     assert joint.superadditivity == pytest.approx(joint.joint_effect - joint.singles.frame["recovery"].sum())
 
 
@@ -121,7 +123,7 @@ def test_differing_positions_flagged_and_titles(tiny_model):
     assert "mlp_out" in res.title and "each position" in res.title and "denoise" in res.title and "recovery" in res.title
     # Layer-0 residual at the differing position carries the whole input difference.
     res0 = patch_sweep(lm, tp, "resid_pre", "each", layers=[0])
-    assert res0.frame.loc[res0.frame["pos"] == 1, "recovery"].iloc[0] == pytest.approx(1.0, abs=1e-5)
+    assert res0.frame.loc[res0.frame["pos"] == 1, "recovery"].iloc[0] == pytest.approx(1.0, abs=tol("check"))
     assert not res0.artefact_cells().empty
 
 
@@ -132,7 +134,7 @@ def test_unequal_lengths_allow_last_position_only(tiny_model):
         patch_sweep(lm, tp, "resid_post", "each")
     res = patch_sweep(lm, tp, "resid_post", "last", layers=[lm.arch.n_layers - 1])
     ref = hook_patch_ld_last(lm, tp)
-    assert res.frame["ld_patched"].iloc[0] == pytest.approx(ref, abs=1e-4)
+    assert res.frame["ld_patched"].iloc[0] == pytest.approx(ref, abs=tol("ref"))
 
 
 def hook_patch_ld_last(lm, tp):
@@ -141,7 +143,7 @@ def hook_patch_ld_last(lm, tp):
     with torch.no_grad():
         out = {}
         h = lm.sites.layer(model, layer).register_forward_hook(lambda m, a, o: out.__setitem__("x", o.clone()))
-        model(torch.tensor([tp.clean_ids]))
+        model(model_ids(lm, tp.clean_ids))
         h.remove()
 
         def post(m, a, o):
@@ -149,7 +151,7 @@ def hook_patch_ld_last(lm, tp):
             o[:, -1] = out["x"][:, -1]
             return o
         h = lm.sites.layer(model, layer).register_forward_hook(post)
-        logits = model(torch.tensor([tp.corrupted_ids])).logits[0, -1]
+        logits = model(model_ids(lm, tp.corrupted_ids)).logits[0, -1]
         h.remove()
     return float(logits[tp.clean_answer_id] - logits[tp.corrupted_answer_id])
 
@@ -174,7 +176,7 @@ def test_chunking_gives_same_numbers(tiny_model, monkeypatch):
     full = patch_sweep(lm, tp, "resid_post", "each").frame["ld_patched"].to_numpy()
     monkeypatch.setattr(patching, "TOKEN_BUDGET", 13)
     chunked = patch_sweep(lm, tp, "resid_post", "each").frame["ld_patched"].to_numpy()
-    np.testing.assert_allclose(full, chunked, atol=1e-5)
+    np.testing.assert_allclose(full, chunked, atol=tol("same", fp32=1e-5))
 
 
 FAST_FAMILIES = ["llama", "gpt2", "gpt_neox", "gemma2", "gemma3", "qwen2", "qwen3", "mistral", "qwen3_5"]
@@ -204,7 +206,7 @@ def test_fast_path_equals_full_batched_path(tiny_model, family, trim, one_pass, 
     import shutil
     shutil.rmtree(cache.cache_dir() / "results", ignore_errors=True)
     slow = patching.patched_logit_diffs(lm, tp, patches, "noise", fast=False)
-    np.testing.assert_allclose(fast, slow, atol=2e-5)
+    np.testing.assert_allclose(fast, slow, atol=tol("same"))
 
 
 def test_demo_model_sweeps_match_hooks(demo_model):
@@ -215,11 +217,11 @@ def test_demo_model_sweeps_match_hooks(demo_model):
     for row in res.frame.itertuples():
         ref = hook_patch_ld(demo_model, tp.clean_ids, tp.corrupted_ids, "resid_post", 1, row.pos, None,
                             tp.clean_answer_id, tp.corrupted_answer_id)
-        assert row.ld_patched == pytest.approx(ref, abs=1e-4)
+        assert row.ld_patched == pytest.approx(ref, abs=tol("ref"))
     for row in heads.frame.itertuples():
         ref = hook_patch_ld(demo_model, tp.corrupted_ids, tp.clean_ids, "head_out", 2, None, row.head,
                             tp.clean_answer_id, tp.corrupted_answer_id)
-        assert row.ld_patched == pytest.approx(ref, abs=1e-4)
+        assert row.ld_patched == pytest.approx(ref, abs=tol("ref"))
 
 
 def test_fast_path_chunks_to_the_memory_budget(tiny_model, monkeypatch):
@@ -235,7 +237,7 @@ def test_fast_path_chunks_to_the_memory_budget(tiny_model, monkeypatch):
     calls = lm.forward_calls
     chunked = patching.patched_logit_diffs(lm, tp, [(Cell("attn_out", l, p),) for l in range(2) for p in range(tp.n_pos)])
     assert lm.forward_calls - calls > 4
-    np.testing.assert_allclose(full, chunked, atol=1e-5)
+    np.testing.assert_allclose(full, chunked, atol=tol("same", fp32=1e-5))
 
 
 def test_patches_before_the_first_differing_token_are_not_run(tiny_model, monkeypatch):
@@ -255,11 +257,11 @@ def test_patches_before_the_first_differing_token_are_not_run(tiny_model, monkey
     calls = lm.forward_calls
     lds = patched_logit_diffs(lm, tp, patches)
     assert lm.forward_calls - calls <= 2  # the source and target runs, no patched pass
-    np.testing.assert_allclose(lds, pair_lds(lm, tp)[1], atol=1e-5)
+    np.testing.assert_allclose(lds, pair_lds(lm, tp)[1], atol=tol("same", fp32=1e-5))
     for l, p in [(0, 0), (1, first - 1)]:
         ref = hook_patch_ld(lm, tp.clean_ids, tp.corrupted_ids, "resid_pre", l, p, None,
                             tp.clean_answer_id, tp.corrupted_answer_id)
-        assert lds[patches.index((Cell("resid_pre", l, p),))] == pytest.approx(ref, abs=1e-5)
+        assert lds[patches.index((Cell("resid_pre", l, p),))] == pytest.approx(ref, abs=tol("ref", fp32=1e-5))
 
 
 def test_sliding_window_shorter_than_the_prompt_is_not_packed(tmp_path):
@@ -269,13 +271,12 @@ def test_sliding_window_shorter_than_the_prompt_is_not_packed(tmp_path):
 
     import explorer.patching as patching
     from explorer import cache
-    from explorer.models import load_model
     from explorer.tiny import build_tiny_model
     folder = build_tiny_model("gemma2", tmp_path / "gemma2")
     config = json.loads((folder / "config.json").read_text())
     config["sliding_window"] = 3
     (folder / "config.json").write_text(json.dumps(config))
-    lm = load_model(str(folder))
+    lm = load_test_model(str(folder))
     tp = tokenize_pair(lm.tokenizer, PAIR)
     assert tp.n_pos > 3 and not patching._packable(lm, tp.n_pos)
     patches = [(Cell(site, l, p),) for site in ("resid_pre", "attn_out") for l in range(lm.arch.n_layers)
@@ -284,8 +285,8 @@ def test_sliding_window_shorter_than_the_prompt_is_not_packed(tmp_path):
     fast = patching._fast_lds(lm, tp, patches, "denoise")
     cache.clear_memory()
     slow = patching.patched_logit_diffs(lm, tp, patches, "denoise", fast=False)
-    np.testing.assert_allclose(fast, slow, atol=2e-5)
-    windowless = load_model(str(build_tiny_model("gemma2", tmp_path / "gemma2-full")))
+    np.testing.assert_allclose(fast, slow, atol=tol("same"))
+    windowless = load_test_model(str(build_tiny_model("gemma2", tmp_path / "gemma2-full")))
     assert not np.allclose(slow, patching.patched_logit_diffs(windowless, tp, patches, "denoise", fast=False))
 
 
@@ -299,7 +300,7 @@ def test_unequal_lengths_last_position_both_fast_paths(tiny_model, one_pass):
     for direction in ("denoise", "noise"):
         fast = patching._fast_lds(lm, tp, patches, direction, one_pass=one_pass)
         slow = patching.patched_logit_diffs(lm, tp, patches, direction, fast=False)
-        np.testing.assert_allclose(fast, slow, atol=2e-5)
+        np.testing.assert_allclose(fast, slow, atol=tol("same"))
 
 
 def test_sweep_over_pairs_averages_each_pairs_own_sweep(tiny_model):

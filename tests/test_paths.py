@@ -4,10 +4,10 @@ import torch
 
 from explorer.adapters import get_path
 from explorer.errors import ExplorerInputError
-from explorer.models import load_model
 from explorer.paths import parse_receiver, path_patch
 from explorer.prompts import PromptPair, tokenize_pair
 from explorer.tiny import build_tiny_model
+from tests.conftest import load_test_model, model_ids, tol
 
 PAIR = PromptPair("w3 w7 w11 w5 w9 w2", "w3 w8 w11 w5 w9 w2", "w4", "w6")
 
@@ -19,7 +19,7 @@ def three_layer(tmp_path_factory):
     def get(family):
         if family not in cache:
             folder = build_tiny_model(family, tmp_path_factory.mktemp(f"{family}3"), seed=5, n_layers=3)
-            cache[family] = load_model(str(folder))
+            cache[family] = load_test_model(str(folder))
         return cache[family]
     return get
 
@@ -28,7 +28,7 @@ def freeze_reference(lm, tp, sender, receiver):
     """Pass 1: corrupted run, sender head set to clean, every later attention/MLP output frozen to its
     corrupted value; record the receiver input. Pass 2: write only that into the corrupted run."""
     model, sites, arch = lm.torch_model, lm.sites, lm.arch
-    clean_ids, corr_ids = torch.tensor([tp.clean_ids]), torch.tensor([tp.corrupted_ids])
+    clean_ids, corr_ids = model_ids(lm, tp.clean_ids), model_ids(lm, tp.corrupted_ids)
     ls, hs = sender
     n_heads = arch.n_heads
     saved = {}
@@ -98,7 +98,7 @@ def test_path_patching_matches_freezing_reference(three_layer, family, receiver)
     res = path_patch(lm, tp, receiver)
     for row in res.frame.itertuples():
         ref = freeze_reference(lm, tp, (row.layer, row.head), receiver)
-        assert row.ld_patched == pytest.approx(ref, abs=1e-4), (row.head_label, receiver)
+        assert row.ld_patched == pytest.approx(ref, abs=tol("ref")), (row.head_label, receiver)
 
 
 def test_receiver_parsing_and_errors(three_layer):

@@ -6,7 +6,9 @@ import torch
 
 from explorer.errors import ExplorerInputError
 from explorer.prompts import PromptPair, tokenize_pair
-from explorer.runtime import REPO_ROOT
+from explorer.runtime import REPO_ROOT, to_host
+from tests.conftest import load_test_model, tol
+from tests.device_guard import paused
 
 IOI = PromptPair("When Mary and John went to the store, John gave a drink to",
                  "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")
@@ -17,14 +19,13 @@ def smollm2(monkeypatch_module):
     # The prepared weights live in the repo's cache/ (git-ignored) so a second test run reuses them.
     monkeypatch_module.setenv("CIRCUIT_EXPLORER_CACHE", str(REPO_ROOT / "cache"))
     from explorer import smollm2 as prep
-    from explorer.models import load_model
     try:
         folder = prep.prepare()
     except ExplorerInputError as exc:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"SmolLM2 could not be prepared here: {exc}")
-    return folder, load_model("smollm2")
+    return folder, load_test_model("smollm2")
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,10 @@ def test_loader_logits_equal_plain_transformers(smollm2):
     assert "not** the original bf16 release" in (folder / "README.md").read_text()
     ids = torch.tensor([lm.tokenizer(IOI.clean)["input_ids"]])
     logits, _ = engine.run(lm, ids)
-    plain = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
-    with torch.no_grad():
+    with paused(), torch.no_grad():  # the reference: plain transformers, float32, on the CPU
+        plain = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
         ref = plain(ids).logits[:, -1]
-    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(logits, to_host(ref), atol=tol("wide"), rtol=tol("act", fp32=1e-5))
 
 
 def test_ioi_baseline_and_residual_patching_row(smollm2):
@@ -61,7 +62,7 @@ def test_ioi_baseline_and_residual_patching_row(smollm2):
     for row in res.frame.itertuples():
         ref = hook_patch_ld(lm, tp.clean_ids, tp.corrupted_ids, "resid_pre", layer, row.pos, None,
                             tp.clean_answer_id, tp.corrupted_answer_id)
-        assert row.ld_patched == pytest.approx(ref, abs=1e-4)
+        assert row.ld_patched == pytest.approx(ref, abs=tol("ref"))
 
 
 def test_bundled_smollm2_sets_are_single_token(smollm2):
