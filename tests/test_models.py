@@ -1,6 +1,8 @@
-"""Loader details: the model lock under concurrent sessions, devices, dtypes, bad model names."""
+"""Loader details: the model lock under concurrent sessions, devices, dtypes, bad model names, bad
+device and dtype choices, and half-precision overflow."""
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ from explorer import engine
 from explorer.errors import ExplorerInputError
 from explorer.models import load_model
 from explorer.runtime import configure_threads, pick_device, pick_dtype
+from tests.conftest import TEST_DEVICE, tol
+from tests.device_guard import is_host
 
 
 def run_concurrently(task, n: int) -> list:
@@ -65,12 +69,13 @@ def test_trust_remote_code_is_off_by_default(tiny_model):
     assert lm.torch_model.config.to_dict().get("trust_remote_code") in (None, False)
 
 
-def test_bfloat16_load(tiny_model, tmp_path):
+def test_bfloat16_load(tmp_path):
     from explorer.tiny import build_tiny_model
-    lm = load_model(str(build_tiny_model("qwen2", tmp_path / "q")), dtype="bfloat16")
-    assert lm.torch_model.dtype == torch.bfloat16 and lm.identity.endswith("bfloat16|cpu")
-    logits, _ = engine.run(lm, torch.tensor([[3, 4, 5]]))
-    assert logits.dtype == torch.float32
+    lm = load_model(str(build_tiny_model("qwen2", tmp_path / "q")), device=TEST_DEVICE, dtype="bfloat16")
+    assert lm.torch_model.dtype == torch.bfloat16 and lm.identity.endswith(f"bfloat16|{TEST_DEVICE}")
+    logits, reads = engine.run(lm, torch.tensor([[3, 4, 5]]), reads=[("resid_post", 0)])
+    assert logits.dtype == torch.float32 and is_host(logits)  # widened for the metric, on the CPU
+    assert reads[("resid_post", 0)].dtype == torch.bfloat16  # reads stay as the model computes them
 
 
 def test_concurrent_patch_sweeps_share_caches_safely(demo_model):
@@ -86,4 +91,68 @@ def test_concurrent_patch_sweeps_share_caches_safely(demo_model):
     cache.clear_memory()
     got = run_concurrently(lambda i: patching._fast_lds(demo_model, tps[i], patches[i], "denoise"), len(tps))
     for a, b in zip(alone, got):
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=2e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=tol("same"), rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_device_the_machine_lacks_names_what_to_use(capsys):
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ExplorerInputError, match="no CUDA GPU is visible; use 'cpu' or 'auto'"):
+            load_model("demo", device=device)
+    from explorer.cli import main
+    args = ["baseline", "--model", "demo", "--clean", "Anna", "--corrupted", "Tom", "--clean-answer", "Anna",
+            "--corrupted-answer", "Tom"]
+    assert main([*args, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA GPU is visible; use 'cpu' or 'auto'" in err[0]
+    assert main([*args, "--dtype", "half"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Unknown dtype 'half'; use one of float32, float16, bfloat16, float64" in err[0]
+
+
+@pytest.mark.skipif(getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+                    reason="this machine has Apple MPS")
+def test_mps_where_there_is_none():
+    with pytest.raises(ExplorerInputError, match="Apple MPS is not available; use 'cpu' or 'auto'"):
+        pick_device("mps")
+
+
+def test_dtypes_a_device_cannot_run(monkeypatch):
+    with pytest.raises(ExplorerInputError, match="float64 is a CPU-only checking dtype; use float32 on 'mps'"):
+        pick_dtype("float64", "mps")
+    assert pick_dtype("float64", "cpu") == torch.float64
+
+    def no_half(device, dtype):  # what torch builds without half-precision CPU kernels say
+        raise RuntimeError(f'"addmm_impl_cpu_" not implemented for {dtype}')
+    monkeypatch.setattr("explorer.runtime._probe", no_half)
+    with pytest.raises(ExplorerInputError, match=r"dtype float16 does not run on 'cpu' here \(.*not implemented.*\); "
+                                                 "use float32, or bfloat16 where the device supports it"):
+        load_model("demo", device="cpu", dtype="float16")
+
+
+@pytest.fixture(scope="module")
+def overflowing_model(tmp_path_factory):
+    """A tiny llama whose last MLP writes values past float16's range (65504), fine in float32."""
+    from transformers import AutoModelForCausalLM
+    from explorer.tiny import build_tiny_model
+    folder = build_tiny_model("llama", tmp_path_factory.mktemp("overflow"))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight.mul_(1e6)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_float16_overflow_says_to_use_a_wider_dtype(overflowing_model):
+    from explorer.baseline import baseline
+    from explorer.patching import patch_sweep
+    from explorer.prompts import PromptPair, tokenize_pair
+    pair = PromptPair("w3 w7 w11 w5", "w3 w8 w11 w5", "w4", "w6")
+    wide = load_model(str(overflowing_model), device=TEST_DEVICE, dtype="float32")
+    assert np.isfinite(baseline(wide, pair).ld_clean)
+    half = load_model(str(overflowing_model), device=TEST_DEVICE, dtype="float16")
+    message = "overflowed to inf/NaN in float16.*load the model in bfloat16 or float32"
+    with pytest.raises(ExplorerInputError, match=message):
+        baseline(half, pair)
+    with pytest.raises(ExplorerInputError, match=message):
+        patch_sweep(half, tokenize_pair(half.tokenizer, pair), "resid_post", "last")
