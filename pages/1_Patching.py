@@ -9,105 +9,132 @@ from explorer.patching import (head_set_patch, head_sweep, linear_heads_note, pa
 from explorer.prompts import check_for_tokenizer, load_prompt_set
 from explorer.ui import charts, state, widgets
 
-lm, tp = widgets.start_page("Activation patching")
-pair = state.current_pair()
-
 SITES = ["resid_post", "resid_pre", "attn_out", "mlp_out", "head_out"]
-POSITIONS = ["each", "last", "all"] if tp.same_length else ["last"]
-c1, c2, c3 = st.columns(3)
-site = c1.selectbox("Site", SITES, index=SITES.index(state.page_param("site", "resid_post", SITES)),
-                    help="resid_pre/resid_post: residual stream before/after the layer; attn_out/mlp_out: what "
-                         "the attention/MLP block writes; head_out: one head's output (input of the output projection).")
-positions = c2.selectbox("Positions", POSITIONS, index=POSITIONS.index(state.page_param("positions", POSITIONS[0], POSITIONS)),
-                         help="each: one patch per (layer, position); last: the final position only; all: every "
-                              "position at once (at layer 0 this swaps the differing input token itself).")
-direction = c3.selectbox("Direction", ["denoise", "noise"],
-                         index=["denoise", "noise"].index(state.page_param("direction", "denoise", ["denoise", "noise"])),
-                         help="denoise: clean activations into the corrupted run (recovery). noise: corrupted into clean (damage).")
-state.sync_url({"site": site, "positions": positions, "direction": direction})
-if not tp.same_length:
-    st.info("The prompts differ in token length, so only last-position patching is offered.")
-note = linear_heads_note(lm)
-if note and site == "head_out":
-    st.info(note)
+NO_LAYER = "—"
 
-progress = widgets.progress_callback("Patching")
-started = time.perf_counter()
-try:
-    res = patch_sweep(lm, tp, site, positions, direction, progress=progress)
-except ExplorerInputError as exc:
-    state.show_error(exc)
-    st.stop()
-elapsed = time.perf_counter() - started
 
-metric = res.metric
-st.caption(f"{res.formula} · LD_clean = {res.ld_clean:+.3f}, LD_corr = {res.ld_corrupted:+.3f} · "
-           f"{len(res.frame)} patches in {elapsed * 1e3:.0f} ms")
-artefacts = res.artefact_cells()
-if not artefacts.empty:
-    cells = ", ".join(f"L{int(r.layer)} pos {int(r.pos)}" for r in artefacts.head(6).itertuples())
-    st.warning(f"Large {metric} at positions where the clean and corrupted tokens differ ({cells}). "
-               "Patching there copies the swapped input token itself: it shows where the difference enters, "
-               "not where it is computed. Outlined cells in the heatmap mark these positions.")
+def main(lm, tp) -> None:
+    positions_offered = ["each", "last", "all"] if tp.same_length else ["last"]
+    c1, c2, c3 = st.columns(3)
+    site = widgets.choice(c1, "Site", "site", SITES,
+                          help="resid_pre/resid_post: residual stream before/after the layer; attn_out/mlp_out: "
+                               "what the attention/MLP block writes; head_out: one head's output (input of the "
+                               "output projection).")
+    positions = widgets.choice(c2, "Positions", "positions", positions_offered,
+                               help="each: one patch per (layer, position); last: the final position only; all: "
+                                    "every position at once (at layer 0 this swaps the differing input token itself).")
+    direction = widgets.choice(c3, "Direction", "direction", ["denoise", "noise"],
+                               help="denoise: clean activations into the corrupted run (recovery). noise: corrupted "
+                                    "into clean (damage).")
+    if not tp.same_length:
+        st.info("The prompts differ in token length, so only last-position patching is offered.")
+    note = linear_heads_note(lm)
+    if note and site == "head_out":
+        st.info(note)
 
-labels = tp.position_labels()
-frame = res.frame
-if site == "head_out":
-    if positions == "all":
-        chart = charts.heatmap(frame, "head", "layer", metric, res.title)
+    progress = widgets.progress_callback("Patching")
+    started = time.perf_counter()
+    try:
+        res = patch_sweep(lm, tp, site, positions, direction, progress=progress)
+    except ExplorerInputError as exc:
+        state.show_error(exc)
+        widgets.stop()
+    elapsed = time.perf_counter() - started
+
+    metric = res.metric
+    st.caption(f"{res.formula} · LD_clean = {res.ld_clean:+.3f}, LD_corr = {res.ld_corrupted:+.3f} · "
+               f"{len(res.frame)} patches in {elapsed * 1e3:.0f} ms")
+    artefacts = res.artefact_cells()
+    if not artefacts.empty:
+        cells = ", ".join(f"L{int(r.layer)} pos {int(r.pos)}" for r in artefacts.head(6).itertuples())
+        st.warning(f"Large {metric} at positions where the clean and corrupted tokens differ ({cells}). "
+                   "Patching there copies the swapped input token itself: it shows where the difference enters, "
+                   "not where it is computed. Outlined cells in the heatmap mark these positions.")
+
+    labels = tp.position_labels()
+    frame = res.frame
+    click_hint = "Click a cell to open that layer's heads below."
+    if site == "head_out":
+        if positions == "all":
+            chart = charts.heatmap(frame, "head", "layer", metric, res.title, subtitle=click_hint)
+        else:
+            frame = frame.groupby(["layer", "head"], as_index=False)[metric].apply(lambda s: s.abs().max())
+            chart = charts.heatmap(frame, "head", "layer", metric, res.title + " (max |value| over positions)",
+                                   subtitle=click_hint)
+    elif positions == "each":
+        chart = charts.heatmap(frame, "pos", "layer", metric, res.title, x_labels=labels,
+                               subtitle="Outlined: positions where the input tokens differ. " + click_hint)
     else:
-        frame = frame.groupby(["layer", "head"], as_index=False)[metric].apply(lambda s: s.abs().max())
-        chart = charts.heatmap(frame, "head", "layer", metric, res.title + " (max |value| over positions)")
-elif positions == "each":
-    chart = charts.heatmap(frame, "pos", "layer", metric, res.title, x_labels=labels,
-                           subtitle="Outlined: positions where the input tokens differ. Click a cell to drill down.")
-else:
-    chart = charts.heatmap(frame.assign(where=positions), "where", "layer", metric, res.title)
-event = st.altair_chart(chart, on_select="rerun", key="patch_chart")
-widgets.export_buttons(res.frame, f"patching_{site}_{positions}_{direction}",
-                       {"title": res.title, "formula": res.formula, "ld_clean": res.ld_clean,
-                        "ld_corrupted": res.ld_corrupted, "model": lm.describe()})
+        chart = charts.heatmap(frame.assign(where=positions), "where", "layer", metric, res.title,
+                               subtitle=click_hint)
+    event = st.altair_chart(chart, on_select="rerun", key="patch_chart")
+    widgets.export_buttons(res.frame, f"patching_{site}_{positions}_{direction}",
+                           {"title": res.title, "formula": res.formula, "ld_clean": res.ld_clean,
+                            "ld_corrupted": res.ld_corrupted, "model": lm.describe()})
+    drill_down(lm, tp, direction, metric, labels, event)
+    over_a_prompt_set(lm, site, direction, metric)
+    head_set(lm, tp, direction, metric)
+    path_patching(lm, tp)
 
-# ---- drill down: a layer -> its heads; a head -> attention and DLA ----
-st.subheader("Drill down")
-clicked = (event.selection.get("cell") or [{}])[0] if event and getattr(event, "selection", None) else {}
-layers = list(range(lm.arch.n_layers))
-default_layer = int(clicked.get("layer", state.page_param("layer", -1)) or 0) if clicked or "layer" in st.query_params else None
-layer_pick = st.selectbox("Layer to open (or click a heatmap cell)", ["—"] + layers,
-                          index=0 if default_layer is None or default_layer not in layers else default_layer + 1,
-                          key="drill_layer")
-if layer_pick != "—":
+
+def clicked_layer(event) -> int | None:
+    """The layer of the heatmap cell the user clicked last, if any."""
+    selection = getattr(event, "selection", None) or {}
+    cells = selection.get("cell") or []
+    return int(cells[0]["layer"]) if cells and "layer" in cells[0] else None
+
+
+def drill_down(lm, tp, direction, metric, labels, event) -> None:
+    """A layer -> its heads at each position; the strongest head -> its attention and DLA."""
+    st.subheader("Drill down")
+    layers = [NO_LAYER] + list(range(lm.arch.n_layers))
+    clicked = clicked_layer(event)
+    s = state.store()
+    # A click opens its layer once; the selectbox stays the user's to change afterwards.
+    if clicked is not None and s.values.get("patching.last_click") != clicked:
+        state.set_page_value("layer", clicked)
+    s.values["patching.last_click"] = clicked
+    layer_pick = widgets.setting(st.selectbox, "Layer to open (or click a heatmap cell)", "layer", NO_LAYER,
+                                 parse=lambda v: NO_LAYER if v == NO_LAYER else int(v), valid=layers.__contains__,
+                                 options=layers)
+    if layer_pick == NO_LAYER:
+        return
     layer = int(layer_pick)
     head_positions = "each" if tp.same_length else "last"
     try:
         heads = head_sweep(lm, tp, head_positions, direction, [layer])
     except ExplorerInputError as exc:
         state.show_error(exc)
-        st.stop()
+        return
     kind = lm.arch.layer_kind(layer).replace("_", " ")
     st.altair_chart(charts.heatmap(heads.frame, "pos", "head", metric, f"Layer {layer} ({kind}): " + heads.title,
                                    x_labels=labels, select=False))
     best = heads.frame.loc[heads.frame[metric].abs().idxmax()]
-    st.markdown(f"Strongest head cell: **{best['head_label']}** at position {int(best['pos'])} "
-                f"({labels[int(best['pos'])]}), {metric} = {best[metric]:+.3f}.")
-    query = {"layer": layer, "head": int(best["head"]), "pos": int(best["pos"])}
-    c1, c2 = st.columns(2)
-    for col, page, text in ((c1, "pages/6_Attention.py", "Attention pattern"), (c2, "pages/4_DLA.py", "Direct logit attribution")):
-        col.page_link(page, label=f"{text} of {best['head_label']} from position {int(best['pos'])}", query_params=query)
+    head, pos = int(best["head"]), int(best["pos"])
+    st.markdown(f"Strongest head cell: **{best['head_label']}** at position {pos} "
+                f"({labels[pos]}), {metric} = {best[metric]:+.3f}.")
+    links = (("pages/6_Attention.py", "Attention pattern", {"attention.heads": f"{layer}.{head}", "attention.pos": pos}),
+             ("pages/4_DLA.py", "Direct logit attribution", {"dla.layer": layer, "dla.head": head}))
+    for col, (page, text, query) in zip(st.columns(2), links):
+        col.page_link(page, label=f"{text} of {best['head_label']} from position {pos}",
+                      query_params=state.url_params(**query))
 
-# ---- the same sweep over a prompt set: one pair is not a finding ----
-st.subheader(f"Over a prompt set: mean {metric} per cell")
-st.caption("The sweep above (same site and direction) on every headline pair of a set, each pair normalised by "
-           "its own LD_clean − LD_corr, then averaged per cell. Positions: all or last, since the pairs' "
-           "positions do not line up.")
-with st.form("patch_set"):
-    sets = [path.name for path in widgets.bundled_prompt_sets()]
-    c1, c2, c3 = st.columns(3)
-    set_name = c1.selectbox("Prompt set", sets)
-    n_pairs = c2.number_input("Headline pairs", min_value=1, max_value=500, value=12)
-    set_positions = c3.selectbox("Positions", ["all", "last"], key="set_positions")
-    run_set = st.form_submit_button("Run over the set")
-if run_set:
+
+def over_a_prompt_set(lm, site, direction, metric) -> None:
+    """The same sweep over a prompt set: one pair is not a finding."""
+    st.subheader(f"Over a prompt set: mean {metric} per cell")
+    st.caption("The sweep above (same site and direction) on every headline pair of a set, each pair normalised by "
+               "its own LD_clean − LD_corr, then averaged per cell. Positions: all or last, since the pairs' "
+               "positions do not line up.")
+    with st.form("patch_set"):
+        sets = [path.name for path in widgets.bundled_prompt_sets()]
+        c1, c2, c3 = st.columns(3)
+        set_name = widgets.choice(c1, "Prompt set", "set_name", sets, url=False, form=True)
+        n_pairs = widgets.integer(c2, "Headline pairs", "set_pairs", 12, 1, 500, url=False, form=True)
+        set_positions = widgets.choice(c3, "Positions", "set_positions", ["all", "last"], url=False, form=True)
+        run_set = widgets.submit_button("Run over the set")
+    if not run_set:
+        return
     try:
         ps = check_for_tokenizer(load_prompt_set(widgets.PROMPTS_DIR / set_name), lm.tokenizer)
         pairs = ps.by_category("headline")[: int(n_pairs)]
@@ -116,61 +143,69 @@ if run_set:
                                        progress=widgets.progress_callback("Prompt set"))
     except ExplorerInputError as exc:
         state.show_error(exc)
+        return
+    skipped = ps.errors + set_res.skipped
+    if skipped:
+        st.warning(f"{len(skipped)} pair(s) skipped: " + "; ".join(skipped[:5]))
+    mean = f"mean_{metric}"
+    summary = set_res.summary
+    if site == "head_out":
+        set_chart = charts.heatmap(summary, "head", "layer", mean, set_res.title, select=False)
     else:
-        skipped = ps.errors + set_res.skipped
-        if skipped:
-            st.warning(f"{len(skipped)} pair(s) skipped: " + "; ".join(skipped[:5]))
-        mean = f"mean_{metric}"
-        summary = set_res.summary
-        if site == "head_out":
-            set_chart = charts.heatmap(summary, "head", "layer", mean, set_res.title, select=False)
-        else:
-            set_chart = charts.heatmap(summary.assign(where=set_positions), "where", "layer", mean, set_res.title,
-                                       select=False)
-        st.altair_chart(set_chart)
-        top = summary.reindex(summary[mean].abs().sort_values(ascending=False).index).head(10)
-        st.dataframe(top, hide_index=True)
-        widgets.export_buttons(set_res.per_pair, f"patching_set_{site}_{set_positions}_{direction}",
-                               {"title": set_res.title, "prompt_set": set_name, "sha256": ps.sha256,
-                                "skipped": skipped, "model": lm.describe()})
+        set_chart = charts.heatmap(summary.assign(where=set_positions), "where", "layer", mean, set_res.title,
+                                   select=False)
+    st.altair_chart(set_chart)
+    top = summary.reindex(summary[mean].abs().sort_values(ascending=False).index).head(10)
+    st.dataframe(top, hide_index=True)
+    widgets.export_buttons(set_res.per_pair, f"patching_set_{site}_{set_positions}_{direction}",
+                           {"title": set_res.title, "prompt_set": set_name, "sha256": ps.sha256,
+                            "skipped": skipped, "model": lm.describe()})
 
-# ---- head sets: joint vs sum of singles ----
-st.subheader("Head set: joint effect vs sum of single-head effects")
-default_heads = state.page_param("heads", "")
-text = st.text_input("Heads (LAYER.HEAD, comma-separated)", value=default_heads, placeholder="e.g. 2.1, 3.4")
-if text:
+
+def head_set(lm, tp, direction, metric) -> None:
+    """Joint effect of a set of heads against the sum of single-head effects."""
+    st.subheader("Head set: joint effect vs sum of single-head effects")
+    text = widgets.setting(st.text_input, "Heads (LAYER.HEAD, comma-separated)", "heads", "",
+                           placeholder="e.g. 2.1, 3.4")
+    if not text:
+        return
     try:
         heads = parse_heads(text, lm.arch)
         set_pos = "all" if tp.same_length else "last"
         hs = head_set_patch(lm, tp, heads, set_pos, direction)
     except ExplorerInputError as exc:
         state.show_error(exc)
-    else:
-        state.sync_url({"heads": text})
-        st.dataframe(hs.singles.frame[["head_label", "ld_patched", metric]], hide_index=True)
-        c1, c2, c3 = st.columns(3)
-        c1.metric(f"Joint {metric}", f"{hs.joint_effect:.3f}")
-        c2.metric(f"Sum of single {metric}", f"{hs.sum_of_singles:.3f}")
-        c3.metric("Joint − sum (superadditivity)", f"{hs.superadditivity:+.3f}")
-        st.caption(f"{hs.singles.title}. Heads patched at {set_pos} positions, alone and together.")
+        return
+    st.dataframe(hs.singles.frame[["head_label", "ld_patched", metric]], hide_index=True)
+    c1, c2, c3 = st.columns(3)
+    c1.metric(f"Joint {metric}", f"{hs.joint_effect:.3f}")
+    c2.metric(f"Sum of single {metric}", f"{hs.sum_of_singles:.3f}")
+    c3.metric("Joint − sum (superadditivity)", f"{hs.superadditivity:+.3f}")
+    st.caption(f"{hs.singles.title}. Heads patched at {set_pos} positions, alone and together.")
 
-# ---- path patching: senders routed only through one receiver ----
-st.subheader("Path patching: which heads feed a receiver")
-st.caption("Each sender head's output is set to its clean value; only its direct write into the receiver is kept "
-           "(receiver = a later head's query/key/value input, or the logits through the final residual). "
-           "Metric: recovery = (LD_patched − LD_corr) / (LD_clean − LD_corr). For GQA models, k and v belong to the "
-           "shared key/value head of the receiver's group.")
-receiver_text = st.text_input("Receiver (logits, or LAYER.HEAD.q|k|v)", value=state.page_param("receiver", ""),
-                              placeholder="e.g. logits or 3.1.q")
-if receiver_text:
+
+def path_patching(lm, tp) -> None:
+    """Senders routed only through one receiver."""
     from explorer.paths import parse_receiver, path_patch
+
+    st.subheader("Path patching: which heads feed a receiver")
+    st.caption("Each sender head's output is set to its clean value; only its direct write into the receiver is "
+               "kept (receiver = a later head's query/key/value input, or the logits through the final residual). "
+               "Metric: recovery = (LD_patched − LD_corr) / (LD_clean − LD_corr). For GQA models, k and v belong "
+               "to the shared key/value head of the receiver's group.")
+    receiver_text = widgets.setting(st.text_input, "Receiver (logits, or LAYER.HEAD.q|k|v)", "receiver", "",
+                                    placeholder="e.g. logits or 3.1.q")
+    if not receiver_text:
+        return
     try:
         path_res = path_patch(lm, tp, parse_receiver(receiver_text, lm.arch))
     except ExplorerInputError as exc:
         state.show_error(exc)
-    else:
-        state.sync_url({"receiver": receiver_text})
-        st.altair_chart(charts.heatmap(path_res.frame, "head", "layer", "recovery",
-                                       f"Path patching, sender head_out (all positions) → {receiver_text}, "
-                                       "clean → corrupted run (denoise): recovery", select=False))
-        widgets.export_buttons(path_res.frame, "path_patching", {"receiver": receiver_text, "formula": path_res.formula})
+        return
+    st.altair_chart(charts.heatmap(path_res.frame, "head", "layer", "recovery",
+                                   f"Path patching, sender head_out (all positions) → {receiver_text}, "
+                                   "clean → corrupted run (denoise): recovery", select=False))
+    widgets.export_buttons(path_res.frame, "path_patching", {"receiver": receiver_text, "formula": path_res.formula})
+
+
+widgets.run_page("Activation patching", "patching", main)

@@ -10,116 +10,125 @@ from explorer.metrics import RELATIVE_DROP_FORMULA, SHIFT_FORMULA
 from explorer.prompts import check_for_tokenizer, load_prompt_set
 from explorer.ui import state, widgets
 
-lm, tp = widgets.start_page("Ablation")
-st.caption(f"{SHIFT_FORMULA}. On the clean run: {RELATIVE_DROP_FORMULA}.")
+POSITION_MODES = ["all", "last", "chosen"]
+THRESHOLDS = (("min_mean_drop", "Min mean drop (logits)", 1.0), ("min_relative_drop", "Min relative drop", 0.2),
+              ("min_specificity", "Min specificity", 3.0), ("specificity_floor", "Specificity floor (logits)", 0.1))
 
-c1, c2, c3 = st.columns([3, 1, 1])
-default_targets = state.page_param("targets", f"L{lm.arch.n_layers // 2} attn")
-text = c1.text_input("Targets (heads L3H1 or 3.1; layers attn2, mlp2, resid2)", value=default_targets)
-method = c2.selectbox("Method", METHODS, index=METHODS.index(state.page_param("method", "zero", METHODS)))
-position_modes = ["all", "last", "chosen"]
-mode = c3.selectbox("Positions", position_modes, index=position_modes.index(state.page_param("positions", "all", position_modes)))
-positions = mode
-if mode == "chosen":
-    labels = tp.position_labels()
-    picked = st.multiselect("Ablate at these positions (clean-run positions; the corrupted run uses the same indices)",
-                            list(range(tp.n_pos)), default=tp.differing_positions or [tp.n_pos - 1],
-                            format_func=lambda p: labels[p])
-    if not picked:
-        st.info("Pick at least one position.")
-        st.stop()
-    positions = picked
-state.sync_url({"targets": text, "method": method, "positions": mode})
 
-sets = widgets.bundled_prompt_sets()
-ref_name = None
-if method != "zero":
-    # Default to the bundled set with the most prompts of this pair's token length (resample needs them).
-    same_length = [sum(len(lm.tokenizer(p.clean)["input_ids"]) == tp.n_pos for p in load_prompt_set(s).pairs)
-                   for s in sets]
-    ref_name = st.selectbox("Reference set for mean / resample", [p.name for p in sets],
-                            index=max(range(len(sets)), key=same_length.__getitem__),
-                            help="Mean ablation uses the target's mean over the clean prompts of this set "
-                                 "(all positions); resample draws a same-length prompt from it.")
-try:
-    targets = parse_targets(text, lm.arch)
-    reference = None
+def main(lm, tp) -> None:
+    st.caption(f"{SHIFT_FORMULA}. On the clean run: {RELATIVE_DROP_FORMULA}.")
+    c1, c2, c3 = st.columns([3, 1, 1])
+    text = widgets.setting(c1.text_input, "Targets (heads L3H1 or 3.1; layers attn2, mlp2, resid2)", "targets",
+                           f"L{lm.arch.n_layers // 2} attn")
+    method = widgets.choice(c2, "Method", "method", METHODS)
+    mode = widgets.choice(c3, "Positions", "positions", POSITION_MODES)
+    positions = mode
+    if mode == "chosen":
+        labels = tp.position_labels()
+        offered = list(range(tp.n_pos))
+        picked = widgets.setting(
+            st.multiselect, "Ablate at these positions (clean-run positions; the corrupted run uses the same indices)",
+            "chosen", tp.differing_positions or [tp.n_pos - 1],
+            parse=lambda v: [int(p) for p in v.split(",") if p.strip()],
+            valid=lambda v: isinstance(v, list) and all(p in offered for p in v),
+            options=offered, format_func=lambda p: labels[p])
+        if not picked:
+            st.info("Pick at least one position.")
+            widgets.stop()
+        positions = picked
+
+    sets = widgets.bundled_prompt_sets()
+    ref_set = None
     if method != "zero":
-        ref_set = load_prompt_set(widgets.PROMPTS_DIR / ref_name)
-        reference = Reference.from_pairs(lm, ref_set.by_category("headline"))
-    with st.spinner("Ablating ..."):
-        res = ablate_pair(lm, tp, targets, method, positions, reference)
-except ExplorerInputError as exc:
-    state.show_error(exc)
-    st.stop()
-
-st.subheader("This pair: each target alone and all together, on both runs")
-frame = res.frame
-chart = alt.Chart(frame).mark_bar().encode(
-    x=alt.X("run:N", title=None), y=alt.Y("shift:Q", title="shift = LD_ablated(R) − LD(R)"),
-    color=alt.Color("run:N", scale=alt.Scale(domain=["clean", "corrupted"], range=["#1f77b4", "#d62728"])),
-    column=alt.Column("target:N", title=None), tooltip=list(frame.columns),
-).properties(width=110, height=240, title=res.title)
-st.altair_chart(chart)
-st.dataframe(frame, hide_index=True, width="stretch")
-clean = frame[frame.run == "clean"].set_index("target")
-corr = frame[frame.run == "corrupted"].set_index("target")
-for target in clean.index:
-    st.markdown(f"**{target}**: clean run keeps {clean.loc[target, 'ld_ablated'] / clean.loc[target, 'ld_run']:.1%} "
-                f"of its LD ({clean.loc[target, 'ld_run']:+.2f} → {clean.loc[target, 'ld_ablated']:+.2f}); "
-                f"corrupted run shifts by {corr.loc[target, 'shift']:+.2f} from its own baseline "
-                f"({corr.loc[target, 'ld_run']:+.2f} → {corr.loc[target, 'ld_ablated']:+.2f}).")
-widgets.export_buttons(frame, f"ablation_{method}", {"title": res.title, "formula": res.shift_formula})
-
-st.subheader("Over a prompt set")
-with st.form("set_ablation"):
-    c1, c2, c3 = st.columns(3)
-    set_name = c1.selectbox("Prompt set", [p.name for p in sets])
-    n_random = c2.number_input("Random same-size target sets", 0, 100, 10)
-    n_pairs = c3.number_input("Max headline pairs", 5, 1000, 120)
-    c1, c2, c3, c4 = st.columns(4)
-    th = Thresholds(min_mean_drop=c1.number_input("Min mean drop (logits)", value=1.0),
-                    min_relative_drop=c2.number_input("Min relative drop", value=0.2),
-                    min_specificity=c3.number_input("Min specificity", value=3.0),
-                    specificity_floor=c4.number_input("Specificity floor (logits)", value=0.1, min_value=0.0))
-    go = st.form_submit_button("Run on prompt set")
-if go:
+        # Default to the bundled set with the most prompts of this pair's token length (resample needs them).
+        same_length = [sum(len(lm.tokenizer(p.clean)["input_ids"]) == tp.n_pos for p in load_prompt_set(s).pairs)
+                       for s in sets]
+        names = [p.name for p in sets]
+        ref_name = widgets.choice(st, "Reference set for mean / resample", "reference", names,
+                                  default=names[max(range(len(sets)), key=same_length.__getitem__)],
+                                  help="Mean ablation uses the target's mean over the clean prompts of this set "
+                                       "(all positions); resample draws a same-length prompt from it.")
     try:
-        ps = check_for_tokenizer(load_prompt_set(widgets.PROMPTS_DIR / set_name), lm.tokenizer)
-        if ps.errors:
-            st.warning(f"{len(ps.errors)} pair(s) skipped: " + "; ".join(ps.errors[:5]))
-        pairs = ps.by_category("headline")[: int(n_pairs)] + ps.by_category("control")
-        with st.status(f"Ablating {len(pairs)} pairs ...", expanded=True):
-            progress = widgets.progress_callback("Prompt set")
-            result = ablate_set(lm, pairs, targets, method, positions,
-                                reference_pairs=ref_set.by_category("headline") if method != "zero" else None,
-                                thresholds=th, n_random=int(n_random), progress=progress)
+        targets = parse_targets(text, lm.arch)
+        reference = None
+        if method != "zero":
+            ref_set = load_prompt_set(widgets.PROMPTS_DIR / ref_name)
+            reference = Reference.from_pairs(lm, ref_set.by_category("headline"))
+        with st.spinner("Ablating ..."):
+            res = ablate_pair(lm, tp, targets, method, positions, reference)
     except ExplorerInputError as exc:
         state.show_error(exc)
-        st.stop()
-    m = result.metrics
-    colour = {"pass": "green", "pass_with_warnings": "orange", "fail": "red"}[result.status]
-    st.markdown(f"### Status: :{colour}[{result.status}]")
-    for w in result.warnings:
-        st.warning(w)
-    c = st.columns(4)
-    c[0].metric("Mean drop (clean run)", f"{m['mean_drop']:.3f}", help="mean of LD_clean − LD_ablated, 95% bootstrap CI below")
-    c[0].caption(f"95% CI [{m['mean_drop_ci95'][0]:.3f}, {m['mean_drop_ci95'][1]:.3f}]")
-    c[1].metric("Relative drop, ratio of means", f"{m['relative_drop_ratio_of_means']:.3f}")
-    c[1].caption(f"95% CI [{m['relative_drop_ratio_of_means_ci95'][0]:.3f}, {m['relative_drop_ratio_of_means_ci95'][1]:.3f}]")
-    c[2].metric("Relative drop, mean of per-pair ratios", f"{m['relative_drop_mean_of_ratios']:.3f}")
-    c[2].caption(f"95% CI [{m['relative_drop_mean_of_ratios_ci95'][0]:.3f}, {m['relative_drop_mean_of_ratios_ci95'][1]:.3f}]")
-    c[3].metric("Specificity", f"{m['specificity']:.2f}")
-    c[3].caption(f"= mean headline drop / max(mean |control drop| = {m['control_mean_abs_drop']:.3f}, floor {m['specificity_floor']})")
-    st.caption(f"Corrupted run: mean shift {m['mean_shift_corrupted']:+.3f} (against the corrupted baseline). "
-               f"Random same-size targets: mean drop {m['random_mean_drop_mean']:.3f}, 95th percentile {m['random_mean_drop_p95']:.3f}.")
-    per = result.per_pair
-    hist = alt.Chart(per).mark_bar(opacity=0.7).encode(
-        x=alt.X("drop_clean:Q", bin=alt.Bin(maxbins=40), title="per-pair drop on the clean run (logits)"),
-        y=alt.Y("count():Q", stack=None), color="category:N").properties(
-        title="Per-pair distribution of the clean-run drop, headline vs control", height=240)
-    st.altair_chart(hist, width="stretch")
-    st.dataframe(per, hide_index=True)
-    card = result.run_card(lm, ps.path, ps.sha256)
-    st.download_button("Run card (JSON)", json.dumps(card, indent=1, default=float), file_name="run_card.json",
-                       mime="application/json")
+        widgets.stop()
+
+    st.subheader("This pair: each target alone and all together, on both runs")
+    frame = res.frame
+    chart = alt.Chart(frame).mark_bar().encode(
+        x=alt.X("run:N", title=None), y=alt.Y("shift:Q", title="shift = LD_ablated(R) − LD(R)"),
+        color=alt.Color("run:N", scale=alt.Scale(domain=["clean", "corrupted"], range=["#1f77b4", "#d62728"])),
+        column=alt.Column("target:N", title=None), tooltip=list(frame.columns),
+    ).properties(width=110, height=240, title=res.title)
+    st.altair_chart(chart)
+    st.dataframe(frame, hide_index=True, width="stretch")
+    clean = frame[frame.run == "clean"].set_index("target")
+    corr = frame[frame.run == "corrupted"].set_index("target")
+    for target in clean.index:
+        st.markdown(f"**{target}**: clean run keeps {clean.loc[target, 'ld_ablated'] / clean.loc[target, 'ld_run']:.1%} "
+                    f"of its LD ({clean.loc[target, 'ld_run']:+.2f} → {clean.loc[target, 'ld_ablated']:+.2f}); "
+                    f"corrupted run shifts by {corr.loc[target, 'shift']:+.2f} from its own baseline "
+                    f"({corr.loc[target, 'ld_run']:+.2f} → {corr.loc[target, 'ld_ablated']:+.2f}).")
+    widgets.export_buttons(frame, f"ablation_{method}", {"title": res.title, "formula": res.shift_formula})
+
+    st.subheader("Over a prompt set")
+    with st.form("set_ablation"):
+        c1, c2, c3 = st.columns(3)
+        set_name = widgets.choice(c1, "Prompt set", "set_name", [p.name for p in sets], url=False, form=True)
+        n_random = widgets.integer(c2, "Random same-size target sets", "n_random", 10, 0, 100, url=False, form=True)
+        n_pairs = widgets.integer(c3, "Max headline pairs", "set_pairs", 120, 5, 1000, url=False, form=True)
+        c1, c2, c3, c4 = st.columns(4)
+        th = Thresholds(**{name: widgets.setting(col.number_input, label, name, default, url=False, form=True,
+                                                 parse=float, min_value=0.0)
+                           for col, (name, label, default) in zip((c1, c2, c3, c4), THRESHOLDS)})
+        go = widgets.submit_button("Run on prompt set")
+    if go:
+        try:
+            ps = check_for_tokenizer(load_prompt_set(widgets.PROMPTS_DIR / set_name), lm.tokenizer)
+            if ps.errors:
+                st.warning(f"{len(ps.errors)} pair(s) skipped: " + "; ".join(ps.errors[:5]))
+            pairs = ps.by_category("headline")[: int(n_pairs)] + ps.by_category("control")
+            with st.status(f"Ablating {len(pairs)} pairs ...", expanded=True):
+                progress = widgets.progress_callback("Prompt set")
+                result = ablate_set(lm, pairs, targets, method, positions,
+                                    reference_pairs=ref_set.by_category("headline") if method != "zero" else None,
+                                    thresholds=th, n_random=int(n_random), progress=progress)
+        except ExplorerInputError as exc:
+            state.show_error(exc)
+            widgets.stop()
+        m = result.metrics
+        colour = {"pass": "green", "pass_with_warnings": "orange", "fail": "red"}[result.status]
+        st.markdown(f"### Status: :{colour}[{result.status}]")
+        for w in result.warnings:
+            st.warning(w)
+        c = st.columns(4)
+        c[0].metric("Mean drop (clean run)", f"{m['mean_drop']:.3f}", help="mean of LD_clean − LD_ablated, 95% bootstrap CI below")
+        c[0].caption(f"95% CI [{m['mean_drop_ci95'][0]:.3f}, {m['mean_drop_ci95'][1]:.3f}]")
+        c[1].metric("Relative drop, ratio of means", f"{m['relative_drop_ratio_of_means']:.3f}")
+        c[1].caption(f"95% CI [{m['relative_drop_ratio_of_means_ci95'][0]:.3f}, {m['relative_drop_ratio_of_means_ci95'][1]:.3f}]")
+        c[2].metric("Relative drop, mean of per-pair ratios", f"{m['relative_drop_mean_of_ratios']:.3f}")
+        c[2].caption(f"95% CI [{m['relative_drop_mean_of_ratios_ci95'][0]:.3f}, {m['relative_drop_mean_of_ratios_ci95'][1]:.3f}]")
+        c[3].metric("Specificity", f"{m['specificity']:.2f}")
+        c[3].caption(f"= mean headline drop / max(mean |control drop| = {m['control_mean_abs_drop']:.3f}, floor {m['specificity_floor']})")
+        st.caption(f"Corrupted run: mean shift {m['mean_shift_corrupted']:+.3f} (against the corrupted baseline). "
+                   f"Random same-size targets: mean drop {m['random_mean_drop_mean']:.3f}, 95th percentile {m['random_mean_drop_p95']:.3f}.")
+        per = result.per_pair
+        hist = alt.Chart(per).mark_bar(opacity=0.7).encode(
+            x=alt.X("drop_clean:Q", bin=alt.Bin(maxbins=40), title="per-pair drop on the clean run (logits)"),
+            y=alt.Y("count():Q", stack=None), color="category:N").properties(
+            title="Per-pair distribution of the clean-run drop, headline vs control", height=240)
+        st.altair_chart(hist, width="stretch")
+        st.dataframe(per, hide_index=True)
+        card = result.run_card(lm, ps.path, ps.sha256)
+        st.download_button("Run card (JSON)", json.dumps(card, indent=1, default=float), file_name="run_card.json",
+                           mime="application/json")
+
+
+widgets.run_page("Ablation", "ablation", main)

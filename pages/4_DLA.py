@@ -6,46 +6,48 @@ from explorer.dla import dla, head_token_table, head_top_tokens
 from explorer.errors import ExplorerInputError
 from explorer.ui import charts, state, widgets
 
-lm, tp = widgets.start_page("Direct logit attribution")
-run = st.radio("Run", ["clean", "corrupted"], horizontal=True,
-               index=["clean", "corrupted"].index(state.page_param("run", "clean", ["clean", "corrupted"])))
-try:
-    res = dla(lm, tp, run)
-except ExplorerInputError as exc:
-    state.show_error(exc)
-    st.stop()
-st.caption(res.formula)
-c1, c2, c3 = st.columns(3)
-c1.metric("True LD", f"{res.ld_true:+.4f}")
-c2.metric("Sum of components", f"{res.ld_sum:+.4f}")
-c3.metric("Reconciliation error", f"{res.error:+.2e}", help=f"relative {res.relative_error:.1e}")
-if res.relative_error > 1e-3:
-    st.warning("The components do not sum to the true LD; this model's final norm is not reproduced by the linearisation.")
-layers = res.frame[res.frame["kind"].isin(["embed", "attn", "mlp", "block", "bias"])]
-st.altair_chart(alt.Chart(layers).mark_bar().encode(
-    x=alt.X("component:N", sort=list(layers["component"])), y=alt.Y("dla:Q", title="DLA to LD"),
-    color="kind:N", tooltip=list(layers.columns)).properties(title=res.title + ": embedding, attention and MLP per layer",
-                                                              height=280), width="stretch")
-heads = res.frame[res.frame["kind"] == "head"]
-if heads.empty:
-    st.info("Per-head DLA is not additive for this family (the attention output is normalised before the residual "
-            "add), so only the per-layer view is shown.")
-    st.stop()
-st.altair_chart(charts.heatmap(heads, "head", "layer", "dla", res.title + ": per head", select=False))
 
-st.subheader("One head")
-layer = st.number_input("Layer", 0, lm.arch.n_layers - 1, int(state.page_param("layer", lm.arch.n_layers - 1)))
-head = st.number_input("Head", 0, lm.arch.heads_in(int(layer)) - 1,
-                       min(int(state.page_param("head", 0)), lm.arch.heads_in(int(layer)) - 1))
-state.sync_url({"run": run, "layer": int(layer), "head": int(head)})
-tokens_text = st.text_input("Token list for the per-head token table (comma-separated)",
-                            value=f"{tp.pair.clean_answer},{tp.pair.corrupted_answer}")
-try:
-    table = head_token_table(lm, tp, [(int(layer), int(head))], [t for t in tokens_text.split(",") if t], run)
-    st.altair_chart(alt.Chart(table).mark_bar().encode(x=alt.X("token:N", sort=None), y="logit_contribution:Q",
-                                                       tooltip=list(table.columns)).properties(
-        title=f"{lm.arch.head_label(int(layer), int(head))}: direct contribution to each token's logit ({run} run)",
-        height=240), width="stretch")
-    st.dataframe(head_top_tokens(lm, tp, int(layer), int(head), run), hide_index=True)
-except ExplorerInputError as exc:
-    state.show_error(exc)
+def main(lm, tp) -> None:
+    run = widgets.choice(st, "Run", "run", ["clean", "corrupted"], horizontal=True, widget=st.radio)
+    try:
+        res = dla(lm, tp, run)
+    except ExplorerInputError as exc:
+        state.show_error(exc)
+        widgets.stop()
+    st.caption(res.formula)
+    c1, c2, c3 = st.columns(3)
+    c1.metric("True LD", f"{res.ld_true:+.4f}")
+    c2.metric("Sum of components", f"{res.ld_sum:+.4f}")
+    c3.metric("Reconciliation error", f"{res.error:+.2e}", help=f"relative {res.relative_error:.1e}")
+    if res.relative_error > 1e-3:
+        st.warning("The components do not sum to the true LD; this model's final norm is not reproduced by the "
+                   "linearisation.")
+    layers = res.frame[res.frame["kind"].isin(["embed", "attn", "mlp", "block", "bias"])]
+    st.altair_chart(alt.Chart(layers).mark_bar().encode(
+        x=alt.X("component:N", sort=list(layers["component"])), y=alt.Y("dla:Q", title="DLA to LD"),
+        color="kind:N", tooltip=list(layers.columns)).properties(
+        title=res.title + ": embedding, attention and MLP per layer", height=280), width="stretch")
+    heads = res.frame[res.frame["kind"] == "head"]
+    if heads.empty:
+        st.info("Per-head DLA is not additive for this family (the attention output is normalised before the "
+                "residual add), so only the per-layer view is shown.")
+        widgets.stop()
+    st.altair_chart(charts.heatmap(heads, "head", "layer", "dla", res.title + ": per head", select=False))
+
+    st.subheader("One head")
+    layer, head = widgets.head_picker(lm)
+    tokens_text = widgets.setting(st.text_input, "Token list for the per-head token table (comma-separated)",
+                                  f"tokens:{tp.pair.clean_answer},{tp.pair.corrupted_answer}",
+                                  f"{tp.pair.clean_answer},{tp.pair.corrupted_answer}", url=False)
+    try:
+        table = head_token_table(lm, tp, [(layer, head)], [t for t in tokens_text.split(",") if t], run)
+        st.altair_chart(alt.Chart(table).mark_bar().encode(x=alt.X("token:N", sort=None), y="logit_contribution:Q",
+                                                           tooltip=list(table.columns)).properties(
+            title=f"{lm.arch.head_label(layer, head)}: direct contribution to each token's logit ({run} run)",
+            height=240), width="stretch")
+        st.dataframe(head_top_tokens(lm, tp, layer, head, run), hide_index=True)
+    except ExplorerInputError as exc:
+        state.show_error(exc)
+
+
+widgets.run_page("Direct logit attribution", "dla", main)

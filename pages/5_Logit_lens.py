@@ -4,8 +4,13 @@ import streamlit as st
 from explorer.lens import logit_lens
 from explorer.ui import charts, widgets
 
-lm, tp = widgets.start_page("Logit lens")
-res = logit_lens(lm, tp)
-st.caption(res.formula)
-st.altair_chart(charts.line(res.frame, "layer", "ld", "run", res.title, subtitle="layer −1 = embedding"), width="stretch")
-st.dataframe(res.frame, hide_index=True, width="stretch")
+
+def main(lm, tp) -> None:
+    res = logit_lens(lm, tp)
+    st.caption(res.formula)
+    st.altair_chart(charts.line(res.frame, "layer", "ld", "run", res.title, subtitle="layer −1 = embedding"),
+                    width="stretch")
+    st.dataframe(res.frame, hide_index=True, width="stretch")
+
+
+widgets.run_page("Logit lens", "lens", main)

@@ -7,25 +7,29 @@ from explorer.errors import ExplorerInputError
 from explorer.patching import parse_heads
 from explorer.ui import state, widgets
 
-lm, tp = widgets.start_page("Attention patterns")
-default_heads = f"{state.page_param('layer', lm.arch.n_layers - 1)}.{state.page_param('head', 0)}"
-text = st.text_input("Heads (LAYER.HEAD, comma-separated)", value=state.page_param("heads", default_heads))
-n = len(tp.clean_ids)
-default_pos = int(state.page_param("pos", n - 1))
-query = st.slider("Query position", 0, n - 1, min(max(default_pos, 0), n - 1),
-                  help="Opened from the patching page, this is where that head's patching effect was largest.")
-st.caption(f"Query token: {tp.position_labels()[query]}. Patching effects at other positions are not explained by the "
-           "last position's attention: check the patching view for where this head matters.")
-state.sync_url({"heads": text, "pos": query})
-try:
-    res = attention_from(lm, tp, parse_heads(text, lm.arch), query)
-except ExplorerInputError as exc:
-    state.show_error(exc)
-    st.stop()
-chart = alt.Chart(res.frame).mark_bar().encode(
-    x=alt.X("key_token:N", sort=None, title="key position:token (clean run tokens)", axis=alt.Axis(labelAngle=-60)),
-    y=alt.Y("weight:Q", title="attention weight"), color="run:N", xOffset="run:N",
-    row=alt.Row("head_label:N", title=None), tooltip=list(res.frame.columns),
-).properties(width=900, height=180, title=res.title)
-st.altair_chart(chart)
-st.dataframe(res.frame, hide_index=True)
+
+def main(lm, tp) -> None:
+    text = widgets.setting(st.text_input, "Heads (LAYER.HEAD, comma-separated)", "heads", f"{lm.arch.n_layers - 1}.0")
+    n = len(tp.clean_ids)
+    query = widgets.setting(st.slider, "Query position", "pos", n - 1, parse=int, valid=lambda p: 0 <= p < n,
+                            min_value=0, max_value=n - 1,
+                            help="Opened from the patching page, this is where that head's patching effect was "
+                                 "largest.")
+    st.caption(f"Query token: {tp.position_labels()[query]}. Patching effects at other positions are not explained "
+               "by the last position's attention: check the patching view for where this head matters.")
+    try:
+        res = attention_from(lm, tp, parse_heads(text, lm.arch), query)
+    except ExplorerInputError as exc:
+        state.show_error(exc)
+        widgets.stop()
+    chart = alt.Chart(res.frame).mark_bar().encode(
+        x=alt.X("key_token:N", sort=None, title="key position:token (clean run tokens)",
+                axis=alt.Axis(labelAngle=-60)),
+        y=alt.Y("weight:Q", title="attention weight"), color="run:N", xOffset="run:N",
+        row=alt.Row("head_label:N", title=None), tooltip=list(res.frame.columns),
+    ).properties(width=900, height=180, title=res.title)
+    st.altair_chart(chart)
+    st.dataframe(res.frame, hide_index=True)
+
+
+widgets.run_page("Attention patterns", "attention", main)

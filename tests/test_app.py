@@ -4,16 +4,22 @@ from streamlit.testing.v1 import AppTest
 
 from explorer.baseline import baseline
 from explorer.runtime import REPO_ROOT
-from explorer.ui.state import DEMO_PAIR
+from explorer.ui.state import DEMO_PAIR, GLOBAL_KEYS
 
 TIMEOUT = 240
 
 
+PAGE_NAMES = {"app.py": "home", "pages/1_Patching.py": "patching", "pages/2_Ablation.py": "ablation",
+              "pages/3_Attribution.py": "attribution", "pages/4_DLA.py": "dla", "pages/5_Logit_lens.py": "lens",
+              "pages/6_Attention.py": "attention", "pages/7_Weights.py": "weights"}
+
+
 def page(name: str, **query) -> AppTest:
-    """Open `name` the way a user does: through the app's entry point, so page links resolve."""
+    """Open `name` the way a user does: through the app's entry point, so page links resolve.
+    `query` is the URL's query: the model and pair by name, a page setting by its short name."""
     at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=TIMEOUT)
     for k, v in query.items():
-        at.query_params[k] = v
+        at.query_params[k if k in GLOBAL_KEYS else f"{PAGE_NAMES[name]}.{k}"] = v
     if name != "app.py":
         at.switch_page(name)
     return at.run()
@@ -27,17 +33,17 @@ def test_home_opens_on_demo_with_baseline(demo_model):
     ref = baseline(demo_model, DEMO_PAIR)
     assert metrics["LD clean run"] == pytest.approx(ref.ld_clean, abs=1e-3)
     assert metrics["LD corrupted run"] == pytest.approx(ref.ld_corrupted, abs=1e-3)
-    assert at.text_area(key="clean").value == DEMO_PAIR.clean
+    assert at.text_area(key="w.clean").value == DEMO_PAIR.clean
     assert at.query_params["model"] == ["demo"] or at.query_params["model"] == "demo"
 
 
 def test_home_bad_input_shows_one_message(demo_model):
     at = page("app.py")
-    at.text_input(key="clean_answer").set_value("Mango Peach").run()
+    at.text_input(key="w.clean_answer").set_value("Mango Peach").run()
     assert not at.exception
     assert len(at.error) == 1 and "2 tokens, not one" in at.error[0].value
-    at.text_input(key="clean_answer").set_value("Mango").run()
-    at.text_area(key="clean").set_value("").run()
+    at.text_input(key="w.clean_answer").set_value("Mango").run()
+    at.text_area(key="w.clean").set_value("").run()
     assert not at.exception and "clean prompt is empty" in at.error[0].value
 
 
@@ -46,7 +52,7 @@ def test_home_state_comes_from_the_url(demo_model):
               corrupted="Man has three fruits , Pear , Plum and Kiwi - 1 Pear 1 Kiwi and 1",
               clean_answer="Kiwi", corrupted_answer="Plum")
     assert not at.exception and not at.error
-    assert at.text_input(key="clean_answer").value == "Kiwi"
+    assert at.text_input(key="w.clean_answer").value == "Kiwi"
     assert float(at.metric[0].value) > 5
 
 
@@ -61,7 +67,7 @@ def test_patching_page_and_drill_down(demo_model):
     assert not at.exception and not at.error
     # The set-completion pair differs at one position: the layer-0 artefact warning is shown.
     assert any("positions where the clean and corrupted tokens differ" in w.value for w in at.warning)
-    at.selectbox(key="drill_layer").set_value(2).run()
+    at.selectbox(key="w.patching.layer").set_value(2).run()
     assert not at.exception
     assert any("Strongest head cell" in m.value for m in at.markdown)
 
@@ -70,7 +76,7 @@ def test_patching_page_over_a_prompt_set(demo_model):
     from explorer.patching import sweep_over_pairs
     from explorer.prompts import load_prompt_set
     at = page("pages/1_Patching.py", site="head_out", positions="all")
-    at.selectbox(key="set_positions").set_value("all")
+    at.selectbox(key="w.patching.set_positions").set_value("all")
     form_set = [s for s in at.selectbox if s.label == "Prompt set"][0]
     form_set.set_value("demo_ioi.jsonl")
     [n for n in at.number_input if n.label == "Headline pairs"][0].set_value(4)
@@ -100,7 +106,7 @@ def test_patching_page_head_set_and_url_settings(demo_model):
     assert not at.exception and not at.error
     labels = [m.label for m in at.metric]
     assert "Joint damage" in labels and "Joint − sum (superadditivity)" in labels
-    assert at.query_params["direction"] in ("noise", ["noise"])
+    assert at.query_params["patching.direction"] in ("noise", ["noise"])
 
 
 @pytest.mark.parametrize("name, query", [
@@ -146,3 +152,71 @@ def test_pages_refuse_bad_input_with_one_message(demo_model):
     assert not at.exception and len(at.error) == 1 and "Layer 9" in at.error[0].value
     at = page("pages/6_Attention.py", heads="1.99")
     assert not at.exception and len(at.error) == 1 and "Head 99" in at.error[0].value
+
+
+def sidebar_lds(at) -> tuple[float, float]:
+    import re
+    text = " ".join(c.value for c in at.sidebar.caption).replace("−", "-")
+    m = re.search(r"LD_clean = ([-+]\d+\.\d+) · LD_corr = ([-+]\d+\.\d+)", text)
+    assert m, f"no LDs in the sidebar: {text!r}; errors {[e.value for e in at.error]}"
+    return float(m.group(1)), float(m.group(2))
+
+
+def test_one_session_through_every_page_with_edits(demo_model):
+    """The quick form of the browser journey: one AppTest session switches through all pages,
+    edits the pair on Home and in another page's sidebar, changes page settings, and comes back."""
+    from explorer.prompts import PromptPair
+    pages = list(PAGE_NAMES)
+    at = page("app.py")
+    at.text_input(key="w.corrupted_answer").set_value("Grape").run()
+    edited = PromptPair(**{**DEMO_PAIR.to_dict(), "corrupted_answer": "Grape"})
+    ref = baseline(demo_model, edited)
+    for name in pages[1:] + pages[:1]:
+        at.switch_page(name).run()
+        assert not at.exception, (name, at.exception)
+        assert not at.error, (name, [e.value for e in at.error])
+        if name != "pages/7_Weights.py":
+            assert sidebar_lds(at) == pytest.approx((ref.ld_clean, ref.ld_corrupted), abs=2e-3), name
+    # A page setting survives leaving the page; the sidebar editor edits the same pair as Home's.
+    at.switch_page("pages/1_Patching.py").run()
+    at.selectbox(key="w.patching.site").set_value("mlp_out").run()
+    at.text_input(key="w.clean_answer").set_value("Peach").run()
+    at.switch_page("pages/5_Logit_lens.py").run()
+    at.switch_page("pages/1_Patching.py").run()
+    assert at.selectbox(key="w.patching.site").value == "mlp_out"
+    assert "mlp_out patched at each position" in at.get("vega_lite_chart")[0].proto.spec
+    at.switch_page("app.py").run()
+    assert at.text_input(key="w.clean_answer").value == "Peach"
+    peach = baseline(demo_model, PromptPair(**{**edited.to_dict(), "clean_answer": "Peach"}))
+    assert float(at.metric[0].value) == pytest.approx(peach.ld_clean, abs=1e-3)
+    # An invalid edit is one message on every page; the next valid edit recovers.
+    at.text_input(key="w.clean_answer").set_value("Peach Mango").run()
+    for name in pages[1:]:
+        at.switch_page(name).run()
+        assert not at.exception
+        # (Weights reads only weights, but its token list starts as the pair's answers.)
+        assert len(at.error) == 1 and "2 tokens, not one" in at.error[0].value, name
+    at.text_input(key="w.clean_answer").set_value("Mango").run()
+    assert not at.error
+    at.switch_page("pages/4_DLA.py").run()
+    assert not at.error and sidebar_lds(at) == pytest.approx((ref.ld_clean, ref.ld_corrupted), abs=2e-3)
+
+
+def test_a_model_switch_replaces_a_pair_that_does_not_fit_the_new_tokenizer(demo_model, tiny_model):
+    """Switching model in a page's sidebar: the demo pair's words are unknown to a tiny random model's
+    vocabulary, so that model's default pair is loaded with a notice; no traceback either way."""
+    at = page("pages/5_Logit_lens.py")
+    folder = tiny_model("llama").model_id
+    at.selectbox(key="w.model_choice").set_value("other").run()
+    at.text_input(key="w.model_path").set_value(folder).run()
+    assert not at.exception
+    assert any("default prompt pair" in i.value for i in at.info)
+    assert at.query_params["model"] in (folder, [folder])
+    # That default pair is natural language, unknown to the tiny vocabulary too: one clear message.
+    assert len(at.error) == 1 and "vocabulary does not know" in at.error[0].value
+    at.selectbox(key="w.model_choice").set_value("demo").run()
+    assert not at.exception and not at.error
+    assert at.query_params["model"] in ("demo", ["demo"])
+    assert at.text_area(key="w.clean").value == DEMO_PAIR.clean
+    ref = baseline(demo_model, DEMO_PAIR)
+    assert sidebar_lds(at) == pytest.approx((ref.ld_clean, ref.ld_corrupted), abs=2e-3)

@@ -21,7 +21,7 @@ def test_health_and_home_page_in_chromium(tmp_path):
         page.screenshot(path=str(tmp_path / "home.png"))
         os.makedirs("test-artifacts", exist_ok=True)
         page.screenshot(path="test-artifacts/home.png", full_page=True)
-        page.goto(f"{base}/Patching?positions=each", wait_until="domcontentloaded")
+        page.goto(f"{base}/Patching?patching.positions=each", wait_until="domcontentloaded")
         page.locator(".vega-embed").first.wait_for(timeout=120_000)
         title = page.locator(".vega-embed").first.inner_html()
         assert "resid_post patched at each position" in title

