@@ -128,12 +128,29 @@ def single_token_ids(tokenizer, tokens: list[str]) -> list[int]:
     return [answer_token_id(tokenizer, t, "listed token") for t in tokens]
 
 
+def prompt_ids(tokenizer, text: str, name: str) -> tuple[int, ...]:
+    """Token ids of a prompt; words the tokenizer can only map to its unknown token are an error
+    (a word-level vocabulary, like the demo model's, would otherwise run on <unk> silently)."""
+    if not text.strip():
+        raise ExplorerInputError(f"The {name} prompt is empty; type a prompt.")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    specials = {getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
+    if unk is None or unk in specials:
+        return tuple(tokenizer(text)["input_ids"])
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    ids = tuple(encoded["input_ids"])
+    unknown = [text[a:b] for i, (a, b) in zip(ids, encoded["offset_mapping"]) if i == unk]
+    if unknown:
+        raise ExplorerInputError(
+            f"The {name} prompt has {len(unknown)} word(s) this model's vocabulary does not know: "
+            f"{', '.join(repr(w) for w in unknown[:8])}. Use words the model knows (it would read them as "
+            f"{tokenizer.unk_token!r}).")
+    return ids
+
+
 def tokenize_pair(tokenizer, pair: PromptPair) -> TokenizedPair:
-    for name in ("clean", "corrupted"):
-        if not getattr(pair, name).strip():
-            raise ExplorerInputError(f"The {name} prompt is empty; type a prompt.")
-    clean_ids = tuple(tokenizer(pair.clean)["input_ids"])
-    corrupted_ids = tuple(tokenizer(pair.corrupted)["input_ids"])
+    clean_ids = prompt_ids(tokenizer, pair.clean, "clean")
+    corrupted_ids = prompt_ids(tokenizer, pair.corrupted, "corrupted")
     return TokenizedPair(
         pair=pair,
         clean_ids=clean_ids,
