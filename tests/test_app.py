@@ -5,6 +5,7 @@ from streamlit.testing.v1 import AppTest
 from explorer.baseline import baseline
 from explorer.runtime import REPO_ROOT
 from explorer.ui.state import DEMO_PAIR, GLOBAL_KEYS
+from tests.conftest import TEST_DEVICE, TEST_DTYPE
 
 TIMEOUT = 240
 
@@ -18,6 +19,8 @@ def page(name: str, **query) -> AppTest:
     """Open `name` the way a user does: through the app's entry point, so page links resolve.
     `query` is the URL's query: the model and pair by name, a page setting by its short name."""
     at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=TIMEOUT)
+    # The app runs where the suite's fixtures run (CIRCUIT_EXPLORER_TEST_DEVICE / _DTYPE).
+    query = {"device": TEST_DEVICE.split(":")[0], "dtype": TEST_DTYPE, **query}
     for k, v in query.items():
         at.query_params[k if k in GLOBAL_KEYS else f"{PAGE_NAMES[name]}.{k}"] = v
     if name != "app.py":

@@ -80,5 +80,5 @@ def test_app_opens_on_smollm2_with_ioi(smollm2):
     at.query_params["model"] = "smollm2"
     at.run()
     assert not at.exception and not at.error
-    assert at.text_area(key="clean").value == IOI.clean
+    assert at.text_area(key="w.clean").value == IOI.clean
     assert float(at.metric[0].value) == pytest.approx(6.1, abs=0.3)
