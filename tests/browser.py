@@ -120,7 +120,8 @@ def errors(page) -> list[str]:
 def open_page(page, link: str) -> None:
     """Click the sidebar link to a page, as a person does, and wait for it to render."""
     import re
-    name = re.compile(r"^\W*(Home|app)\W*$" if link == "Home" else rf"^\W*{re.escape(link)}\W*$")
+    # The link's text ends with its label (an icon's ligature name comes first, with no space).
+    name = re.compile(r"(Home|app)\s*$" if link == "Home" else rf"{re.escape(link)}\s*$")
     sidebar_links(page).filter(has_text=name).first.click()
     settle(page)
 
