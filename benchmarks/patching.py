@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from explorer import cache, engine, patching  # noqa: E402
+from explorer import cache, engine, patching, scheduler  # noqa: E402
 from explorer.baseline import pair_lds  # noqa: E402
 from explorer.models import load_model  # noqa: E402
 from explorer.prompts import PromptPair, tokenize_pair  # noqa: E402
@@ -60,7 +60,7 @@ def pair_for(name: str, lm):
 
 def fresh():
     cache.clear_memory()
-    patching._PAIR_MEMO.clear()
+    scheduler.clear_memo()
     for sub in ("results", "activations"):
         shutil.rmtree(cache.cache_dir() / sub, ignore_errors=True)
 
@@ -179,7 +179,7 @@ def main(argv=None):
             patches = sweep_patches(lm, tp, kind)
             t_a, lds_a = timed(lambda: one_trace_per_patch(lm, tp, patches), 1)
             t_c, lds_c = timed(lambda: patching.patched_logit_diffs(lm, tp, patches), args.repeat)
-            t_f, lds_f = timed(lambda: patching._fast_lds(lm, tp, patches, "denoise", trim=False), args.repeat)
+            t_f, lds_f = timed(lambda: scheduler.patched_lds(lm, tp, patches, "denoise", trim=False), args.repeat)
             t_d, _ = timed(lambda: bare_batched(lm, tp, len(patches)), 1)
             rec_a, rec_c, rec_f = recovery(lds_a, tp, lm), recovery(lds_c, tp, lm), recovery(lds_f, tp, lm)
             t_b, err_b = float("nan"), float("nan")

@@ -80,7 +80,7 @@ def test_bfloat16_load(tmp_path):
 
 def test_concurrent_patch_sweeps_share_caches_safely(demo_model):
     """Several sessions sweeping different pairs at once get the numbers a lone session gets."""
-    from explorer import cache, patching
+    from explorer import cache, patching, scheduler
     from explorer.prompts import load_prompt_set, tokenize_pair
     from explorer.runtime import REPO_ROOT
     pairs = load_prompt_set(REPO_ROOT / "prompts" / "demo_induction.jsonl").pairs[:6]
@@ -89,7 +89,7 @@ def test_concurrent_patch_sweeps_share_caches_safely(demo_model):
                for tp in tps]
     alone = [patching.patched_logit_diffs(demo_model, tp, ps, fast=False) for tp, ps in zip(tps, patches)]
     cache.clear_memory()
-    got = run_concurrently(lambda i: patching._fast_lds(demo_model, tps[i], patches[i], "denoise"), len(tps))
+    got = run_concurrently(lambda i: scheduler.patched_lds(demo_model, tps[i], patches[i], "denoise"), len(tps))
     for a, b in zip(alone, got):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=tol("same"), rtol=0)
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from explorer import scheduler
 from explorer.baseline import pair_lds
 from explorer.errors import ExplorerInputError
 from explorer.patching import LAST, Cell, head_set_patch, head_sweep, patch_sweep, patched_logit_diffs
@@ -170,11 +171,10 @@ def test_bad_inputs(tiny_model):
 
 
 def test_chunking_gives_same_numbers(tiny_model, monkeypatch):
-    import explorer.patching as patching
     lm = tiny_model("llama")
     tp = tokenize_pair(lm.tokenizer, PAIR)
     full = patch_sweep(lm, tp, "resid_post", "each").frame["ld_patched"].to_numpy()
-    monkeypatch.setattr(patching, "TOKEN_BUDGET", 13)
+    monkeypatch.setattr(scheduler, "TOKEN_BUDGET", 13)
     chunked = patch_sweep(lm, tp, "resid_post", "each").frame["ld_patched"].to_numpy()
     np.testing.assert_allclose(full, chunked, atol=tol("same", fp32=1e-5))
 
@@ -190,8 +190,8 @@ def test_fast_path_equals_full_batched_path(tiny_model, family, trim, one_pass, 
     source and target runs beside the patched rows, and skipping unchanged patches change no number
     (small blocks and passes: many of them)."""
     import explorer.patching as patching
-    monkeypatch.setattr(patching, "LAYER_BLOCK", 1)
-    monkeypatch.setattr(patching, "PACK_TOKENS", 9)
+    monkeypatch.setattr(scheduler, "LAYER_BLOCK", 1)
+    monkeypatch.setattr(scheduler, "PACK_TOKENS", 9)
     lm = tiny_model(family)
     tp = tokenize_pair(lm.tokenizer, PAIR)
     patches = [(Cell(site, l, p),) for site in ("resid_pre", "resid_post", "attn_out", "mlp_out")
@@ -200,7 +200,7 @@ def test_fast_path_equals_full_batched_path(tiny_model, family, trim, one_pass, 
     patches += [(Cell("resid_pre", 1, LAST),), (Cell("head_out", 0, LAST, 2),)]
     patches += [(Cell("head_out", l, None, h),) for l in range(lm.arch.n_layers) for h in (0, 3)]
     patches += [(Cell("mlp_out", l, None),) for l in range(lm.arch.n_layers)]
-    fast = patching._fast_lds(lm, tp, patches, "noise", trim=trim, one_pass=one_pass)
+    fast = scheduler.patched_lds(lm, tp, patches, "noise", trim=trim, one_pass=one_pass)
     from explorer import cache
     cache.clear_memory()
     import shutil
@@ -231,8 +231,8 @@ def test_fast_path_chunks_to_the_memory_budget(tiny_model, monkeypatch):
     tp = tokenize_pair(lm.tokenizer, PAIR)
     full = patch_sweep(lm, tp, "attn_out", "each").frame["ld_patched"].to_numpy()
     cache.clear_memory()
-    monkeypatch.setattr(patching, "TOKEN_BUDGET", 7)
-    monkeypatch.setattr(patching, "PACK_TOKENS", 3)
+    monkeypatch.setattr(scheduler, "TOKEN_BUDGET", 7)
+    monkeypatch.setattr(scheduler, "PACK_TOKENS", 3)
     monkeypatch.setattr(patching, "load_result", lambda key: None)
     calls = lm.forward_calls
     chunked = patching.patched_logit_diffs(lm, tp, [(Cell("attn_out", l, p),) for l in range(2) for p in range(tp.n_pos)])
@@ -278,11 +278,11 @@ def test_sliding_window_shorter_than_the_prompt_is_not_packed(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     lm = load_test_model(str(folder))
     tp = tokenize_pair(lm.tokenizer, PAIR)
-    assert tp.n_pos > 3 and not patching._packable(lm, tp.n_pos)
+    assert tp.n_pos > lm.torch_model.config.sliding_window == 3
     patches = [(Cell(site, l, p),) for site in ("resid_pre", "attn_out") for l in range(lm.arch.n_layers)
                for p in range(tp.n_pos)]
     patches += [(Cell("head_out", l, None, h),) for l in range(lm.arch.n_layers) for h in (0, 1)]
-    fast = patching._fast_lds(lm, tp, patches, "denoise")
+    fast = scheduler.patched_lds(lm, tp, patches, "denoise")
     cache.clear_memory()
     slow = patching.patched_logit_diffs(lm, tp, patches, "denoise", fast=False)
     np.testing.assert_allclose(fast, slow, atol=tol("same"))
@@ -298,7 +298,7 @@ def test_unequal_lengths_last_position_both_fast_paths(tiny_model, one_pass):
     patches = [(Cell(site, l, LAST),) for site in ("resid_pre", "mlp_out") for l in range(lm.arch.n_layers)]
     patches += [(Cell("head_out", l, LAST, h),) for l in range(lm.arch.n_layers) for h in (0, 2)]
     for direction in ("denoise", "noise"):
-        fast = patching._fast_lds(lm, tp, patches, direction, one_pass=one_pass)
+        fast = scheduler.patched_lds(lm, tp, patches, direction, one_pass=one_pass)
         slow = patching.patched_logit_diffs(lm, tp, patches, direction, fast=False)
         np.testing.assert_allclose(fast, slow, atol=tol("same"))
 
