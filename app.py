@@ -11,6 +11,25 @@ def home(lm, _tp) -> None:
                "through nnsight. Everything below is computed live on the model chosen in the sidebar. "
                "The prompt pair is kept as you move between pages (each page's sidebar can edit it too), "
                "and the URL always holds the current view.")
+    s = state.store()
+    with st.expander("Start here", expanded=not s.values.get("home.guide_seen")):
+        pair_story = (
+            "**The demo pair** is set completion, as in the seed study: four fruits are listed, then counted "
+            "off. In the clean prompt Peach, Orange and Grape have been counted, so the one left is **Mango**; "
+            "in the corrupted prompt Mango was counted in Orange's place (the one differing token, highlighted "
+            "below), so the one left is **Orange**. "
+            if s.values["model"] == "demo" else
+            "**The pair** contrasts a clean and a corrupted prompt that differ in a token or two, with the "
+            "answer each should get. ")
+        st.markdown(
+            pair_story + "LD = logit(clean answer) − logit(corrupted answer) at the last position.\n\n"
+            "1. Check the **Baseline** below: the clean run should prefer its answer, the corrupted run the other.\n"
+            "2. Open **Patching** in the sidebar: which layer and position carry the difference? Click a cell "
+            "to see that layer's heads, then follow the links to the head's attention and DLA.\n"
+            "3. **Ablation** knocks components out on both runs; **Attribution** screens every head at once.\n\n"
+            "Edit the pair here or in any page's sidebar, or load one from a prompt set; the URL keeps the view, "
+            "so you can share it.")
+    s.values["home.guide_seen"] = True
     info = lm.describe()
     st.sidebar.caption(f"{info['family']} · {info['n_layers']} layers · {info['n_heads']} heads · d_model "
                        f"{info['d_model']} · {info['device']} · {info['dtype']} · weights {info['weight_hash'][:10]}")

@@ -81,7 +81,8 @@ def main(lm, tp) -> None:
     st.subheader("Over a prompt set")
     with st.form("set_ablation"):
         c1, c2, c3 = st.columns(3)
-        set_name = widgets.choice(c1, "Prompt set", "set_name", [p.name for p in sets], url=False, form=True)
+        names, set_label = widgets.prompt_set_choices(lm)
+        set_name = widgets.choice(c1, "Prompt set", "set_name", names, url=False, form=True, format_func=set_label)
         n_random = widgets.integer(c2, "Random same-size target sets", "n_random", 10, 0, 100, url=False, form=True)
         n_pairs = widgets.integer(c3, "Max headline pairs", "set_pairs", 120, 5, 1000, url=False, form=True)
         c1, c2, c3, c4 = st.columns(4)
