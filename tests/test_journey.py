@@ -316,3 +316,17 @@ def test_forms_and_expanders_work_with_the_mouse(page):
     assert loaded != DEMO_PAIR.clean and query(page)["clean"] == loaded
     open_page(page, "DLA")
     assert query(page)["clean"] == loaded and problems(page) == []
+
+
+def test_attribution_sends_its_top_heads_to_ablation(page):
+    open_page(page, "Attribution")
+    link = page.get_by_role("link", name="Ablate the top 5:")
+    heads = link.inner_text().split(":", 1)[1].strip()
+    link.click()
+    settle(page)
+    assert_page(page, "Ablation")
+    assert page.get_by_label("Targets (heads L3H1 or 3.1; layers attn2, mlp2, resid2)").input_value() == heads
+    assert query(page)["ablation.targets"] == heads and errors(page) == []
+    page.go_back()
+    settle(page)
+    assert_page(page, "Attribution")
