@@ -108,6 +108,7 @@ class Architecture:
     head_dim: int
     vocab_size: int
     layers_info: tuple[LayerInfo, ...]
+    max_positions: int | None = None  # the context the model was built (and trained) for
 
     @property
     def name(self) -> str:
@@ -138,6 +139,12 @@ class Architecture:
                 "(Gated DeltaNet): it has no attention pattern. Pick a full-attention layer: "
                 + ", ".join(str(i.index) for i in self.layers_info if i.kind == SOFTMAX) + "."
             )
+
+    def check_prompt_length(self, n_tokens: int, which: str) -> None:
+        if self.max_positions is not None and n_tokens > self.max_positions:
+            raise ExplorerInputError(
+                f"The {which} prompt is {n_tokens} tokens, longer than this model's context of "
+                f"{self.max_positions} positions: shorten it.")
 
     def head_label(self, layer: int, head: int) -> str:
         prefix = "L" if self.layer_kind(layer) == SOFTMAX else "LinL"
@@ -179,7 +186,8 @@ def architecture_for(config) -> Architecture:
         else:
             infos.append(LayerInfo(i, SOFTMAX, n_heads, head_dim))
     vocab = getattr(cfg, "vocab_size")
-    return Architecture(fam, n_layers, d_model, n_heads, n_kv, head_dim, vocab, tuple(infos))
+    max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return Architecture(fam, n_layers, d_model, n_heads, n_kv, head_dim, vocab, tuple(infos), max_positions)
 
 
 class Sites:

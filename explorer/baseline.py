@@ -51,7 +51,7 @@ def pair_lds(lm, tp: TokenizedPair, require_span: bool = False) -> tuple[float, 
 
 
 def baseline(lm, pair: PromptPair | TokenizedPair, top_k: int = 10) -> BaselineResult:
-    tp = pair if isinstance(pair, TokenizedPair) else tokenize_pair(lm.tokenizer, pair)
+    tp = pair if isinstance(pair, TokenizedPair) else tokenize_pair(lm.tokenizer, pair, lm.arch)
     logits = dict(zip(("clean", "corrupted"), run_logits(lm, tp)))
     answer_rows, top_rows = [], []
     for run, lg in logits.items():

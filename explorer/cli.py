@@ -104,7 +104,8 @@ def _load(args):
 
 def _pair(args, lm):
     from explorer.prompts import PromptPair, tokenize_pair
-    return tokenize_pair(lm.tokenizer, PromptPair(args.clean, args.corrupted, args.clean_answer, args.corrupted_answer))
+    return tokenize_pair(lm.tokenizer, PromptPair(args.clean, args.corrupted, args.clean_answer, args.corrupted_answer),
+                         lm.arch)
 
 
 class _ProgressBar:

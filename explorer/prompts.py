@@ -148,15 +148,26 @@ def prompt_ids(tokenizer, text: str, name: str) -> tuple[int, ...]:
     return ids
 
 
-def tokenize_pair(tokenizer, pair: PromptPair) -> TokenizedPair:
+def tokenize_pair(tokenizer, pair: PromptPair, arch=None) -> TokenizedPair:
+    """Token ids of both prompts and answers, checked: non-empty prompts the vocabulary knows,
+    single-token answers that differ, and (given the model's `arch`) prompts within its context."""
     clean_ids = prompt_ids(tokenizer, pair.clean, "clean")
     corrupted_ids = prompt_ids(tokenizer, pair.corrupted, "corrupted")
+    if arch is not None:
+        arch.check_prompt_length(len(clean_ids), "clean")
+        arch.check_prompt_length(len(corrupted_ids), "corrupted")
+    clean_answer_id = answer_token_id(tokenizer, pair.clean_answer, "clean")
+    corrupted_answer_id = answer_token_id(tokenizer, pair.corrupted_answer, "corrupted")
+    if clean_answer_id == corrupted_answer_id:
+        raise ExplorerInputError(
+            f"The clean and corrupted answers are the same token ({show_token(tokenizer, clean_answer_id)!r}), so "
+            "LD is 0 on every run and recovery is 0/0: give the corrupted run a different answer.")
     return TokenizedPair(
         pair=pair,
         clean_ids=clean_ids,
         corrupted_ids=corrupted_ids,
-        clean_answer_id=answer_token_id(tokenizer, pair.clean_answer, "clean"),
-        corrupted_answer_id=answer_token_id(tokenizer, pair.corrupted_answer, "corrupted"),
+        clean_answer_id=clean_answer_id,
+        corrupted_answer_id=corrupted_answer_id,
         clean_tokens=tuple(show_token(tokenizer, i) for i in clean_ids),
         corrupted_tokens=tuple(show_token(tokenizer, i) for i in corrupted_ids),
     )
@@ -213,22 +224,55 @@ def parse_pair(record: object, default_id: str) -> PromptPair:
     )
 
 
+# Uploads are read whole into memory and each pair is tokenized, so both have a ceiling: 20 MB holds
+# ~100k typical pairs, far beyond any study, and a flood of bad lines is summarised, not listed.
+MAX_PROMPT_SET_BYTES = 20 * 1024 * 1024
+MAX_PROMPT_SET_LINES = 100_000
+MAX_REPORTED_ERRORS = 50
+
+
+def _too_big(size: int, what: str) -> ExplorerInputError:
+    return ExplorerInputError(f"{what} is {size / 1e6:.1f} MB; prompt sets are limited to "
+                              f"{MAX_PROMPT_SET_BYTES / 1e6:.0f} MB. Split it into smaller files.")
+
+
+def _lines(text: str):
+    """Lines of `text` one at a time: str.splitlines() on 20 MB of newlines would build 20 million strings."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        start = end + 1
+
+
 def parse_jsonl(text: str, path: str | None = None) -> PromptSet:
-    """Read JSONL text; each bad line is reported by number and skipped."""
-    pairs, errors = [], []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    """Read JSONL text; each bad line is reported by number and skipped. Text over MAX_PROMPT_SET_BYTES
+    or with more than MAX_PROMPT_SET_LINES non-empty lines is refused."""
+    data = text.encode("utf-8", errors="surrogatepass")
+    if len(data) > MAX_PROMPT_SET_BYTES:
+        raise _too_big(len(data), f"Prompt set {path!r}" if path else "The prompt set")
+    pairs, errors, n_bad, n_lines = [], [], 0, 0
+    for line_no, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
+        n_lines += 1
+        if n_lines > MAX_PROMPT_SET_LINES:
+            raise ExplorerInputError(f"{f'Prompt set {path!r}' if path else 'The prompt set'} has more than "
+                                     f"{MAX_PROMPT_SET_LINES:,} lines; split it into smaller files.")
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(f"line {line_no}: not valid JSON ({exc.msg})")
+            pairs.append(parse_pair(json.loads(line), default_id=f"line{line_no}"))
             continue
-        try:
-            pairs.append(parse_pair(record, default_id=f"line{line_no}"))
+        except json.JSONDecodeError as exc:
+            problem = f"line {line_no}: not valid JSON ({exc.msg})"
         except ExplorerInputError as exc:
-            errors.append(f"line {line_no}: {exc}")
-    sha = hashlib.sha256(text.encode()).hexdigest()
+            problem = f"line {line_no}: {exc}"
+        n_bad += 1
+        if n_bad <= MAX_REPORTED_ERRORS:
+            errors.append(problem)
+    if n_bad > MAX_REPORTED_ERRORS:
+        errors.append(f"... and {n_bad - MAX_REPORTED_ERRORS} more bad lines ({n_bad} in all)")
+    sha = hashlib.sha256(data).hexdigest()
     return PromptSet(pairs=pairs, errors=errors, path=path, sha256=sha)
 
 
@@ -236,6 +280,9 @@ def load_prompt_set(path: str | Path) -> PromptSet:
     path = Path(path)
     if not path.is_file():
         raise ExplorerInputError(f"Prompt set {str(path)!r} does not exist.")
+    size = path.stat().st_size
+    if size > MAX_PROMPT_SET_BYTES:  # refused before it is read
+        raise _too_big(size, f"Prompt set {str(path)!r}")
     result = parse_jsonl(path.read_text(encoding="utf-8"), path=str(path))
     if not result.pairs:
         detail = f" First problem: {result.errors[0]}" if result.errors else ""

@@ -55,6 +55,13 @@ def test_home_bad_input_shows_one_message(demo_model):
     at.text_input(key="w.clean_answer").set_value("Mango").run()
     at.text_area(key="w.clean").set_value("").run()
     assert not at.exception and "clean prompt is empty" in at.error[0].value
+    at.text_area(key="w.clean").set_value(" ".join(["Mango"] * 70)).run()
+    assert not at.exception and len(at.error) == 1 and "context of 64 positions" in at.error[0].value
+    at.text_area(key="w.clean").set_value(DEMO_PAIR.clean).run()
+    at.text_input(key="w.corrupted_answer").set_value("Mango").run()
+    assert not at.exception and len(at.error) == 1 and "are the same token" in at.error[0].value
+    at.text_input(key="w.corrupted_answer").set_value("Orange").run()
+    assert not at.exception and not at.error and float(at.metric[0].value) > 0
 
 
 def test_home_state_comes_from_the_url(demo_model):

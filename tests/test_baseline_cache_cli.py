@@ -65,6 +65,8 @@ def test_baseline_probabilities(demo_model):
 @pytest.mark.parametrize("args, message", [
     (["baseline", "--clean", "", "--corrupted", "x", "--clean-answer", "Anna", "--corrupted-answer", "Tom"], "prompt is empty"),
     (["baseline", "--clean", "Anna", "--corrupted", "Tom", "--clean-answer", "Anna Tom", "--corrupted-answer", "Tom"], "2 tokens, not one"),
+    (["baseline", "--clean", " ".join(["Anna"] * 70), "--corrupted", "Tom", "--clean-answer", "Anna", "--corrupted-answer", "Tom"], "longer than this model's context of 64"),
+    (["baseline", "--clean", "Anna and Tom", "--corrupted", "Tom and Anna", "--clean-answer", "Anna", "--corrupted-answer", "Anna"], "are the same token"),
     (["baseline", "--clean", "Anna and zebra", "--corrupted", "Tom", "--clean-answer", "Anna", "--corrupted-answer", "Tom"], "does not know: 'zebra'"),
     (["baseline", "--model", "/nope/model", "--clean", "a", "--corrupted", "b", "--clean-answer", "Anna", "--corrupted-answer", "Tom"], "does not exist"),
     (["patch", "--clean", "Anna and Tom", "--corrupted", "Anna Tom", "--clean-answer", "Anna", "--corrupted-answer", "Tom"], "same number of tokens"),

@@ -205,7 +205,7 @@ def current_model():
         s.check_pair_for_model = False
         from explorer.prompts import tokenize_pair
         try:
-            tokenize_pair(lm.tokenizer, s.pair())
+            tokenize_pair(lm.tokenizer, s.pair(), lm.arch)
         except ExplorerInputError as exc:
             s.set_pair(default_pair(v["model"]))
             s.notice = (f"Loaded {v['model']}'s default prompt pair: the previous pair does not fit this "
@@ -215,7 +215,7 @@ def current_model():
 
 def current_tokenized_pair(lm):
     from explorer.prompts import tokenize_pair
-    return tokenize_pair(lm.tokenizer, current_pair())
+    return tokenize_pair(lm.tokenizer, current_pair(), lm.arch)
 
 
 def show_error(exc: ExplorerInputError) -> None:
