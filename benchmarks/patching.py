@@ -9,6 +9,9 @@ Sweeps: full residual sweep (resid_pre, every layer x position) and head sweep
 Every method's recovery numbers are compared with (a). Prints a markdown table.
 
     python benchmarks/patching.py [--models demo,gpt2-small,smollm2] [--threads 1] [--repeat 1]
+                                  [--device cpu|cuda|mps] [--dtype float32|bfloat16] [--no-tl]
+Models: demo, smollm2 (prepared), or a random-weight shape built on the device: gpt2-small,
+smollm2-shape, qwen1.5-1.8b, llama-7b.
 """
 from __future__ import annotations
 
@@ -32,19 +35,42 @@ IOI = PromptPair("When Mary and John went to the store, John gave a drink to",
                  "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")
 
 
-def gpt2_small_random(folder: Path) -> Path:
-    """A random-weight model of GPT-2-small shape with a word-level tokenizer, saved locally."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def random_shapes():
+    """Random-weight models of real shapes (no download): name -> transformers config."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    return {
+        "gpt2-small": GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
+        "smollm2-shape": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                                     rope_theta=100000.0, max_position_embeddings=8192),
+        "qwen1.5-1.8b": Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
+                                    num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False,
+                                    max_position_embeddings=32768),
+        "llama-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    }
+
+
+def random_model(name: str, device: str, dtype: str, threads: int):
+    """A random-weight model of a real shape, built directly on the device (seed 0), with a word-level
+    tokenizer t0..tN, wrapped like load_model's models."""
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoModelForCausalLM
+    from explorer.adapters import architecture_for
+    from explorer.models import LoadedModel
+    from explorer.runtime import configure_threads, pick_device, pick_dtype
     from explorer.tiny import word_level_tokenizer
-    if (folder / "config.json").is_file():
-        return folder
-    words = [f"t{i}" for i in range(50255)]
-    tok = word_level_tokenizer(words)
+    configure_threads(threads)
+    device = pick_device(device)
+    config = random_shapes()[name]
+    tok = word_level_tokenizer([f"t{i}" for i in range(config.vocab_size - 2)])
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=768, n_layer=12, n_head=12))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dtype, device), attn_implementation="eager")
+    model.eval().requires_grad_(False)
+    nn = TransformersModel(model, tokenizer=tok, task="text-generation")
+    return LoadedModel(nn=nn, tokenizer=tok, arch=architecture_for(config), model_id=f"random {name}",
+                       weight_hash="random-seed0", dtype=dtype, device=device)
 
 
 def pair_for(name: str, lm):
@@ -114,7 +140,7 @@ def tl_model(lm):
     hf, arch = lm.torch_model, lm.arch
     cfg_hf = hf.config
     common = dict(n_layers=arch.n_layers, d_model=arch.d_model, n_heads=arch.n_heads, d_head=arch.head_dim,
-                  d_vocab=arch.vocab_size, device="cpu", dtype=torch.float32)
+                  d_vocab=arch.vocab_size, device=lm.device, dtype=lm.torch_model.dtype)
     if arch.name == "gpt2":
         cfg = HookedTransformerConfig(**common, n_ctx=cfg_hf.n_positions, d_mlp=4 * arch.d_model, act_fn="gelu_new",
                                       normalization_type="LN", eps=cfg_hf.layer_norm_epsilon)
@@ -137,7 +163,8 @@ def tl_model(lm):
 def tl_sweep(model, tp, kind: str):
     from transformer_lens import patching as tlp
     a, b = tp.clean_answer_id, tp.corrupted_answer_id
-    clean, corr = torch.tensor([list(tp.clean_ids)]), torch.tensor([list(tp.corrupted_ids)])
+    device = model.cfg.device
+    clean, corr = torch.tensor([list(tp.clean_ids)], device=device), torch.tensor([list(tp.corrupted_ids)], device=device)
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)
         metric = lambda logits: logits[0, -1, a] - logits[0, -1, b]  # noqa: E731
@@ -145,7 +172,7 @@ def tl_sweep(model, tp, kind: str):
             out = tlp.get_act_patch_resid_pre(model, corr, clean_cache, metric)  # [layer, pos]
         else:
             out = tlp.get_act_patch_attn_head_out_all_pos(model, corr, clean_cache, metric)  # [layer, head]
-    return out.flatten().numpy()
+    return out.flatten().float().cpu().numpy()
 
 
 def sweep_patches(lm, tp, kind):
@@ -160,18 +187,20 @@ def main(argv=None):
     parser.add_argument("--models", default="demo,gpt2-small,smollm2")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; random shapes are built there")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--no-tl", action="store_true", help="leave TransformerLens (b) out (large shapes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models.split(","):
-        if name == "gpt2-small":
-            folder = gpt2_small_random(Path(cache.cache_dir()) / "bench-gpt2-small")
-            lm = load_model(str(folder), threads=args.threads)
+        if name in random_shapes():
+            lm = random_model(name, args.device, args.dtype, args.threads)
         else:
-            lm = load_model(name, threads=args.threads)
+            lm = load_model(name, device=args.device, dtype=args.dtype, threads=args.threads)
         tp = pair_for(name, lm)
         try:
-            tl = tl_model(lm)
+            tl = None if args.no_tl else tl_model(lm)
         except Exception as exc:  # a conversion this TransformerLens version does not offer
             print(f"TransformerLens conversion for {name} failed: {exc}", file=sys.stderr)
             tl = None
@@ -195,7 +224,9 @@ def main(argv=None):
                   f"a/c* {t_a / t_f:5.1f}x  d/c* {t_d / t_f:4.2f}x  max|c-a| {r['err_c']:.1e}  max|c*-a| {r['err_f']:.1e}  "
                   f"max|b-a| {err_b:.1e}", flush=True)
     print()
-    print(f"threads={args.threads}, torch {torch.__version__}, device cpu")
+    from explorer.calibration import pass_costs
+    print(f"threads={args.threads}, torch {torch.__version__}, device {lm.device}, dtype {args.dtype}, "
+          f"pass costs of the last model: {pass_costs(lm)}")
     print("| model | sweep | patches | (a) one trace/patch | (b) TransformerLens | (c) this engine | (c*) every patch in full | "
           "(d) bare batched | a/c | b/c | d/c | a/c* | d/c* | max abs diff vs a (recovery): c / c* / b |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -83,6 +83,8 @@ def pick_dtype(name: str, device: str = "cpu") -> torch.dtype:
         # float64 is for numerical checks on the CPU; MPS has none and GPUs run it slowly.
         raise ExplorerInputError(f"dtype float64 is a CPU-only checking dtype; use float32 on {device!r} "
                                  "(or float64 with device 'cpu').")
+    if dtype == torch.float32:
+        strict_float32(device)
     try:
         _probe(device, dtype)
     except (RuntimeError, TypeError) as exc:
@@ -94,6 +96,16 @@ def pick_dtype(name: str, device: str = "cpu") -> torch.dtype:
 def _probe(device: str, dtype: torch.dtype) -> None:
     x = torch.ones(2, 2, device=device, dtype=dtype)
     (x @ x).sum().item()
+
+
+def strict_float32(device: str) -> None:
+    """On CUDA, float32 matrix products and convolutions run in full float32, not TF32 (10-bit mantissa
+    inputs; recoveries drifted by up to 2.6e-4 from one trace per patch with it on). Process-wide, as
+    torch's setting is; CIRCUIT_EXPLORER_ALLOW_TF32=1 leaves whatever the process chose."""
+    if not device.startswith("cuda") or os.environ.get("CIRCUIT_EXPLORER_ALLOW_TF32") == "1":
+        return
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False  # on by default: the causal convolutions of linear-attention layers
 
 
 def to_model(lm, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from explorer import engine
+from explorer import calibration, engine
 from explorer.adapters import LINEAR
 from explorer.cache import get_activations
 from explorer.errors import ExplorerInputError
@@ -52,9 +52,8 @@ Patch = tuple  # tuple[Cell, ...]: cells replaced together in one batch row
 # tested against.
 LAYER_BLOCK = None  # None: blocks chosen by _layer_blocks; an int forces a block size (tests)
 PACK_TOKENS = 1024  # packed tokens per pass (the attention scores grow with its square)
-TRACE_OVERHEAD_S = 0.006  # fixed cost of one traced pass on CPU (measured: 5-10 ms)
-FLOPS_PER_S = 4e10  # one CPU thread, fp32 matmuls
-SMALL_BATCH_TOKENS = 32  # a pass over n token rows costs about (1 + this / n) times its FLOPs
+# The cost model's numbers (fixed cost per pass, throughput, small-batch charge) are measured per
+# device by explorer.calibration.
 _PAIR_MEMO: dict = {}
 
 
@@ -134,10 +133,12 @@ def _token_rows(cells, n_src: int, n_tgt: int, shared: int, trim: bool = True) -
     return rows
 
 
-def _unit_costs(lm) -> tuple[float, float]:
-    """Seconds per token per layer (matrix products), and per query-key pair per layer (attention)."""
-    per_token_layer = 2 * sum(p.numel() for p in lm.sites.layer(lm.torch_model, 0).parameters()) / FLOPS_PER_S
-    return per_token_layer, 4 * lm.arch.d_model / FLOPS_PER_S
+def _unit_costs(lm) -> tuple[float, float, calibration.PassCosts]:
+    """Seconds per token per layer (matrix products), per query-key pair per layer (attention), and the
+    measured costs they come from."""
+    costs = calibration.pass_costs(lm)
+    per_token_layer = 2 * sum(p.numel() for p in lm.sites.layer(lm.torch_model, 0).parameters()) / costs.flops_per_s
+    return per_token_layer, 4 * lm.arch.d_model / costs.flops_per_s, costs
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -175,18 +176,18 @@ def _one_pass_chunks(rows: list[_Row], n_tgt: int, n_fixed: int) -> list[list[_R
 
 
 def _one_pass_cost(lm, rows: list[_Row], n_tgt: int, n_fixed: int) -> float:
-    per_token_layer, attn_per_pair = _unit_costs(lm)
+    per_token_layer, attn_per_pair, costs = _unit_costs(lm)
     cost = 0.0
     for chunk in _one_pass_chunks(rows, n_tgt, n_fixed):
         tokens = n_fixed + sum(n_tgt - r.first for r in chunk)
-        cost += TRACE_OVERHEAD_S + lm.arch.n_layers * (per_token_layer * (tokens + SMALL_BATCH_TOKENS)
+        cost += costs.overhead_s + lm.arch.n_layers * (per_token_layer * (tokens + costs.small_batch_tokens)
                                                        + attn_per_pair * tokens * tokens)
     return cost
 
 
 def _two_pass_cost(lm, rows: list[_Row], n_src: int, n_tgt: int) -> float:
-    per_token_layer, _ = _unit_costs(lm)
-    pair = TRACE_OVERHEAD_S + lm.arch.n_layers * per_token_layer * (n_src + n_tgt + SMALL_BATCH_TOKENS)
+    per_token_layer, _, costs = _unit_costs(lm)
+    pair = costs.overhead_s + lm.arch.n_layers * per_token_layer * (n_src + n_tgt + costs.small_batch_tokens)
     return pair + _layer_blocks(lm, rows, n_tgt)[1]
 
 
@@ -245,7 +246,7 @@ def _layer_blocks(lm, rows: list[_Row], n_pos: int) -> tuple[list[list[_Row]], f
     by_layer = [[r for r in rows if r.cell.layer == layer] for layer in range(n_layers)]
     if LAYER_BLOCK:
         return [[r for rs in by_layer[a:a + LAYER_BLOCK] for r in rs] for a in range(0, n_layers, LAYER_BLOCK)], 0.0
-    per_token_layer, attn_per_pair = _unit_costs(lm)
+    per_token_layer, attn_per_pair, costs = _unit_costs(lm)
 
     def cost(a: int, tokens: float, uniform: bool) -> float:
         if tokens == 0:
@@ -255,8 +256,8 @@ def _layer_blocks(lm, rows: list[_Row], n_pos: int) -> tuple[list[list[_Row]], f
         else:  # packed: every packed token is scored against the whole pass
             passes = max(1.0, np.ceil(tokens / PACK_TOKENS))
             attention = attn_per_pair * tokens * (n_pos + tokens / passes)
-        return passes * TRACE_OVERHEAD_S + (n_layers - a) * (per_token_layer * (tokens + passes * SMALL_BATCH_TOKENS)
-                                                             + attention)
+        return passes * costs.overhead_s + (n_layers - a) * (
+            per_token_layer * (tokens + passes * costs.small_batch_tokens) + attention)
 
     best = [0.0] + [np.inf] * n_layers
     cut = [0] * (n_layers + 1)
