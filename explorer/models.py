@@ -1,11 +1,13 @@
 """Loading models through nnsight, with the identity, lock and adapter every experiment needs."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -67,20 +69,50 @@ def _sha_files(files: list[Path]) -> str:
 
 def weight_hash(folder: Path) -> str:
     """sha256 over a folder's weight files, remembered per (path, size, mtime) under cache/."""
-    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    if not files:
-        raise ExplorerInputError(f"{str(folder)!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}).")
-    stamp = "v2" + json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
-    memo_file = cache_dir() / "weight_hashes.json"
     try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    key = hashlib.sha256(stamp.encode()).hexdigest()
-    if key not in memo:
-        memo[key] = _sha_files(files)
-        memo_file.write_text(json.dumps(memo))
-    return memo[key]
+        files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        if not files:
+            raise ExplorerInputError(f"{str(folder)!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}).")
+        stamp = "v2" + json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+        memo_file = cache_dir() / "weight_hashes.json"
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, ValueError):
+            memo = {}
+        key = hashlib.sha256(stamp.encode()).hexdigest()
+        if key not in memo:
+            memo[key] = _sha_files(files)
+            from explorer.cache import write_atomic
+            # Atomic, so a second process (app and CLI) never reads half a file; the last writer wins.
+            # A read-only cache only costs hashing again next time.
+            with contextlib.suppress(OSError):
+                write_atomic(memo_file, json.dumps(memo).encode())
+        return memo[key]
+    except OSError as exc:
+        if not folder.is_dir():  # removed or moved while the app runs: say so instead of a traceback
+            raise _vanished(folder) from None
+        raise ExplorerInputError(f"Could not read the weights in {str(folder)!r}: {exc}.") from None
+
+
+def _vanished(folder: Path) -> ExplorerInputError:
+    return ExplorerInputError(f"Model folder {str(folder)!r} is gone: it was removed or moved after it was chosen. "
+                              "Restore it, or pick another model.")
+
+
+def _refuse_remote_code(model: str, source: str, folder: Path | None) -> None:
+    """A model that ships its own Python code (an `auto_map` in its config) runs that code when loaded,
+    so it needs the user's explicit opt-in. transformers alone would quietly use its built-in class
+    when the model_type is one it knows, which hides the choice."""
+    from transformers import PretrainedConfig
+
+    declared = dict(PretrainedConfig.get_config_dict(source)[0].get("auto_map") or {})
+    if folder is not None and (folder / "tokenizer_config.json").is_file():
+        declared.update(json.loads((folder / "tokenizer_config.json").read_text()).get("auto_map") or {})
+    if declared:
+        raise ExplorerInputError(
+            f"Model {model!r} ships its own Python code ({', '.join(sorted(declared))} in auto_map); loading it "
+            "runs that code on this machine. Only if you trust its source, opt in: trust_remote_code=True in "
+            "Python, --trust-remote-code on the command line, or 'Trust remote code' in the app's model picker.")
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
@@ -115,6 +147,21 @@ def resolve_model_path(model: str) -> tuple[str, Path | None]:
     return model, None
 
 
+def allowed_model(model: str, typed_by_user: Iterable[str] = ()) -> bool:
+    """Whether a model named in a URL may be loaded: the bundled demo, a prepared model (under
+    cache/models), or a folder or hub id the user typed in this session. A shared or tampered link
+    must not make the server read an arbitrary folder or download an arbitrary hub model."""
+    if model in ("", "demo", "smollm2") or model in typed_by_user:
+        return True
+    try:
+        path = Path(model).expanduser().resolve()  # resolved, so '..' and symlinks cannot escape
+        if any(path == Path(t).expanduser().resolve() for t in typed_by_user if t):
+            return True
+        return any(path.is_relative_to(root.resolve()) for root in (DEMO_MODEL_DIR, cache_dir() / "models"))
+    except (OSError, RuntimeError, ValueError):  # unresolvable: a symlink loop, a NUL byte
+        return False
+
+
 def load_model(model: str = "demo", device: str = "auto", dtype: str = "float32",
                trust_remote_code: bool = False, threads: int | None = None) -> LoadedModel:
     """Load by hub id, local folder, 'demo' or 'smollm2' through nnsight's TransformersModel."""
@@ -126,22 +173,33 @@ def load_model(model: str = "demo", device: str = "auto", dtype: str = "float32"
     from transformers import AutoConfig
     source = str(folder) if folder else model
     try:
+        if not trust_remote_code:
+            _refuse_remote_code(model, source, folder)
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ExplorerInputError:
+        raise
     except Exception as exc:  # hub unreachable, unknown id, remote code refused ...
+        if folder is not None and not folder.is_dir():
+            raise _vanished(folder) from None
         raise ExplorerInputError(
             f"Could not load model {model!r}: {str(exc).splitlines()[0][:300]}. "
             "Give a local folder, 'demo', 'smollm2' (after `python -m explorer models prepare smollm2`) "
             "or a Hugging Face id reachable from this machine."
         ) from None
     arch = architecture_for(config)
-    tokenizer = load_tokenizer(folder, trust_remote_code) if folder else _hub_tokenizer(model, trust_remote_code)
     from nnsight.modeling.transformers import TransformersModel
 
-    kwargs = dict(task="text-generation", dispatch=True, tokenizer=tokenizer, dtype=torch_dtype,
-                  attn_implementation="eager", trust_remote_code=trust_remote_code)
-    if device != "cpu":
-        kwargs["device_map"] = device
-    nn_model = TransformersModel(source, **kwargs)
+    try:
+        tokenizer = load_tokenizer(folder, trust_remote_code) if folder else _hub_tokenizer(model, trust_remote_code)
+        kwargs = dict(task="text-generation", dispatch=True, tokenizer=tokenizer, dtype=torch_dtype,
+                      attn_implementation="eager", trust_remote_code=trust_remote_code)
+        if device != "cpu":
+            kwargs["device_map"] = device
+        nn_model = TransformersModel(source, **kwargs)
+    except OSError:
+        if folder is not None and not folder.is_dir():  # removed between the config and the weights
+            raise _vanished(folder) from None
+        raise
     nn_model._module.eval()
     nn_model._module.requires_grad_(False)  # interpretability never trains; gradients start at activations
     whash = weight_hash(folder) if folder else _hash_tensors(nn_model._module)

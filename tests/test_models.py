@@ -10,7 +10,7 @@ from explorer import engine
 from explorer.errors import ExplorerInputError
 from explorer.models import load_model
 from explorer.runtime import configure_threads, pick_device, pick_dtype
-from tests.conftest import TEST_DEVICE, tol
+from tests.conftest import TEST_DEVICE, TEST_DTYPE, tol
 from tests.device_guard import is_host
 
 
@@ -156,3 +156,57 @@ def test_float16_overflow_says_to_use_a_wider_dtype(overflowing_model):
         baseline(half, pair)
     with pytest.raises(ExplorerInputError, match=message):
         patch_sweep(half, tokenize_pair(half.tokenizer, pair), "resid_post", "last")
+
+
+def test_a_model_folder_removed_while_the_app_runs(tmp_path):
+    """The app keeps a loaded model; if its folder then disappears, reloading or re-hashing it says
+    so in one message, and the model already in memory keeps working."""
+    import shutil
+
+    from explorer.baseline import baseline
+    from explorer.models import weight_hash
+    from explorer.prompts import PromptPair, tokenize_pair
+    from explorer.tiny import build_tiny_model
+
+    folder = build_tiny_model("llama", tmp_path / "vanishing")
+    lm = load_model(str(folder), device=TEST_DEVICE, dtype=TEST_DTYPE)
+    tp = tokenize_pair(lm.tokenizer, PromptPair("w1 w2 w3", "w1 w4 w3", "w5", "w6"))
+    baseline(lm, tp)
+    shutil.rmtree(folder)
+    with pytest.raises(ExplorerInputError, match="does not exist"):
+        load_model(str(folder), device=TEST_DEVICE, dtype=TEST_DTYPE)
+    with pytest.raises(ExplorerInputError, match="is gone: it was removed or moved"):
+        weight_hash(folder)
+    calls = lm.forward_calls
+    after = baseline(lm, tokenize_pair(lm.tokenizer, PromptPair("w7 w8 w9", "w7 w10 w9", "w5", "w6")))
+    assert lm.forward_calls > calls and np.isfinite(after.ld_clean)  # weights are in memory, not read again
+
+
+def test_a_model_folder_removed_in_the_middle_of_loading(tmp_path, monkeypatch):
+    """The folder checks out when it is resolved, then vanishes before the weights are read."""
+    import shutil
+
+    from explorer import models
+    from explorer.tiny import build_tiny_model
+
+    folder = build_tiny_model("llama", tmp_path / "vanishing")
+    resolve = models.resolve_model_path
+
+    def resolve_then_remove(model):
+        found = resolve(model)
+        shutil.rmtree(folder)
+        return found
+
+    monkeypatch.setattr(models, "resolve_model_path", resolve_then_remove)
+    with pytest.raises(ExplorerInputError, match="is gone: it was removed or moved"):
+        load_model(str(folder), device=TEST_DEVICE, dtype=TEST_DTYPE)
+
+
+def test_weights_removed_from_a_folder(tmp_path):
+    from explorer.models import weight_hash
+    from explorer.tiny import build_tiny_model
+
+    folder = build_tiny_model("llama", tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ExplorerInputError, match="holds no weight files"):
+        weight_hash(folder)
