@@ -224,10 +224,11 @@ def parse_pair(record: object, default_id: str) -> PromptPair:
     )
 
 
-# Uploads are read whole into memory and each pair is tokenized, so both have a ceiling: 20 MB holds
-# ~100k typical pairs, far beyond any study, and a flood of bad lines is summarised, not listed.
+# Uploads are read whole into memory and each pair is tokenized, so both have a ceiling far beyond any
+# study: 20 MB, and 200k lines (blank ones too, so 20 MB of newlines is not 20 million steps).
+# A flood of bad lines is summarised, not listed.
 MAX_PROMPT_SET_BYTES = 20 * 1024 * 1024
-MAX_PROMPT_SET_LINES = 100_000
+MAX_PROMPT_SET_LINES = 200_000
 MAX_REPORTED_ERRORS = 50
 
 
@@ -237,7 +238,9 @@ def _too_big(size: int, what: str) -> ExplorerInputError:
 
 
 def _lines(text: str):
-    """Lines of `text` one at a time: str.splitlines() on 20 MB of newlines would build 20 million strings."""
+    """Lines of `text` one at a time: str.splitlines() on 20 MB of newlines would build 20 million strings.
+    JSON Lines separates records by \\n only (a \\r before it is JSON whitespace); splitlines() would also
+    break a record at a U+2028 inside a string."""
     start = 0
     while start < len(text):
         end = text.find("\n", start)
@@ -248,18 +251,17 @@ def _lines(text: str):
 
 def parse_jsonl(text: str, path: str | None = None) -> PromptSet:
     """Read JSONL text; each bad line is reported by number and skipped. Text over MAX_PROMPT_SET_BYTES
-    or with more than MAX_PROMPT_SET_LINES non-empty lines is refused."""
-    data = text.encode("utf-8", errors="surrogatepass")
+    or with more than MAX_PROMPT_SET_LINES lines is refused."""
+    data = text.encode("utf-8", errors="replace")
     if len(data) > MAX_PROMPT_SET_BYTES:
         raise _too_big(len(data), f"Prompt set {path!r}" if path else "The prompt set")
-    pairs, errors, n_bad, n_lines = [], [], 0, 0
+    pairs, errors, n_bad = [], [], 0
     for line_no, line in enumerate(_lines(text), start=1):
-        if not line.strip():
-            continue
-        n_lines += 1
-        if n_lines > MAX_PROMPT_SET_LINES:
+        if line_no > MAX_PROMPT_SET_LINES:  # blank lines count too: each costs a step
             raise ExplorerInputError(f"{f'Prompt set {path!r}' if path else 'The prompt set'} has more than "
                                      f"{MAX_PROMPT_SET_LINES:,} lines; split it into smaller files.")
+        if not line.strip():
+            continue
         try:
             pairs.append(parse_pair(json.loads(line), default_id=f"line{line_no}"))
             continue
