@@ -127,11 +127,11 @@ def over_a_prompt_set(lm, site, direction, metric) -> None:
                "its own LD_clean − LD_corr, then averaged per cell. Positions: all or last, since the pairs' "
                "positions do not line up.")
     with st.form("patch_set"):
-        sets, set_label = widgets.prompt_set_choices(lm)
         c1, c2, c3 = st.columns(3)
-        set_name = widgets.choice(c1, "Prompt set", "set_name", sets, url=False, form=True, format_func=set_label)
+        set_name = widgets.choice(c1, "Prompt set", "set_name", widgets.prompt_set_choices(lm), url=False, form=True)
         n_pairs = widgets.integer(c2, "Headline pairs", "set_pairs", 12, 1, 500, url=False, form=True)
         set_positions = widgets.choice(c3, "Positions", "set_positions", ["all", "last"], url=False, form=True)
+        widgets.unfit_sets_caption(lm)
         run_set = widgets.submit_button("Run over the set")
     if not run_set:
         return

@@ -81,14 +81,14 @@ def main(lm, tp) -> None:
     st.subheader("Over a prompt set")
     with st.form("set_ablation"):
         c1, c2, c3 = st.columns(3)
-        names, set_label = widgets.prompt_set_choices(lm)
-        set_name = widgets.choice(c1, "Prompt set", "set_name", names, url=False, form=True, format_func=set_label)
+        set_name = widgets.choice(c1, "Prompt set", "set_name", widgets.prompt_set_choices(lm), url=False, form=True)
         n_random = widgets.integer(c2, "Random same-size target sets", "n_random", 10, 0, 100, url=False, form=True)
         n_pairs = widgets.integer(c3, "Max headline pairs", "set_pairs", 120, 5, 1000, url=False, form=True)
         c1, c2, c3, c4 = st.columns(4)
         th = Thresholds(**{name: widgets.setting(col.number_input, label, name, default, url=False, form=True,
                                                  parse=float, min_value=0.0)
                            for col, (name, label, default) in zip((c1, c2, c3, c4), THRESHOLDS)})
+        widgets.unfit_sets_caption(lm)
         go = widgets.submit_button("Run on prompt set")
     if go:
         try:

@@ -43,7 +43,7 @@ def test_home_opens_on_demo_with_baseline(demo_model):
 def test_prompt_set_pickers_list_the_models_own_sets_first(demo_model):
     at = page("app.py")
     options = at.selectbox(key="w.home.set_name").options
-    assert options[0].startswith("demo_") and not options[0].endswith("fit this model)")
+    assert options[0].startswith("demo_")
     assert [o.startswith("demo_") for o in options] == sorted((o.startswith("demo_") for o in options), reverse=True)
 
 

@@ -207,30 +207,34 @@ def _unfit_pairs(model_id: str, path: str, _tokenizer) -> int:
     return len(ps.pairs) - len(check_for_tokenizer(ps, _tokenizer).pairs)
 
 
-def prompt_set_choices(lm) -> tuple[list[str], callable]:
+def prompt_set_choices(lm) -> list[str]:
     """Bundled set names, the current model's own sets first and sets whose pairs do not fit its
-    tokenizer last, with a label that says how many do not fit."""
+    tokenizer last; a caption under the picker names the latter (call `unfit_sets_caption`)."""
     paths = bundled_prompt_sets()
     prefix = Path(lm.model_id).name.split("-")[0].lower() + "_"
     unfit = {p.name: _unfit_pairs(lm.model_id, str(p), lm.tokenizer) for p in paths}
-    names = sorted(unfit, key=lambda n: (unfit[n] > 0, not n.startswith(prefix), n))
+    return sorted(unfit, key=lambda n: (unfit[n] > 0, not n.startswith(prefix), n))
 
-    def label(name: str) -> str:
-        return f"{name} ({unfit[name]} pairs do not fit this model)" if unfit[name] else name
-    return names, label
+
+def unfit_sets_caption(lm, container=st) -> None:
+    unfit = {p.name: _unfit_pairs(lm.model_id, str(p), lm.tokenizer) for p in bundled_prompt_sets()}
+    listed = ", ".join(f"{name} ({n})" for name, n in unfit.items() if n)
+    if listed:
+        container.caption(f"Pairs that do not fit this model's tokenizer (skipped when a set runs): {listed}.")
 
 
 def prompt_set_picker(lm) -> None:
     """Load a bundled or uploaded JSONL prompt set and copy one pair into the editor."""
     from explorer.prompts import check_for_tokenizer, load_prompt_set, parse_jsonl
 
-    sets, set_label = prompt_set_choices(lm)
+    sets = prompt_set_choices(lm)
     with st.expander("Load a pair from a prompt set", expanded=False):
         source = choice(st, "Source", "set_source", ["bundled", "upload"], url=False)
         prompt_set = None
         try:
             if source == "bundled" and sets:
-                name = choice(st, "Prompt set", "set_name", sets, url=False, format_func=set_label)
+                name = choice(st, "Prompt set", "set_name", sets, url=False)
+                unfit_sets_caption(lm)
                 prompt_set = load_prompt_set(PROMPTS_DIR / name)
             elif source == "upload":
                 up = st.file_uploader("JSONL file", type=["jsonl", "json", "txt"])
