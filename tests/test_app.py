@@ -74,9 +74,36 @@ def test_home_state_comes_from_the_url(demo_model):
 
 
 def test_unknown_model_is_one_message():
-    at = page("app.py", model="/no/such/model")
+    at = page("app.py")
+    at.selectbox(key="w.model_choice").set_value("other").run()
+    at.text_input(key="w.model_path").set_value("/no/such/model").run()
     assert not at.exception
     assert len(at.error) == 1 and "does not exist" in at.error[0].value
+    at.selectbox(key="w.model_choice").set_value("demo").run()
+    assert not at.exception and not at.error
+
+
+@pytest.mark.parametrize("model", ["/etc", "/no/such/model", "../../outside", "some-org/some-hub-model"])
+def test_a_link_cannot_make_the_app_load_an_arbitrary_model(demo_model, model):
+    """A tampered or shared URL naming a folder or hub id is not loaded: the demo model runs and a
+    notice says how to load that model on purpose (typing it in the sidebar)."""
+    at = page("app.py", model=model)
+    assert not at.exception and not at.error
+    assert any("does not load from a link" in i.value for i in at.info)
+    assert at.query_params["model"] in ("demo", ["demo"])
+    assert float(at.metric[0].value) == pytest.approx(baseline(demo_model, DEMO_PAIR).ld_clean, abs=1e-3)
+
+
+def test_a_link_may_name_a_folder_typed_in_this_session(tiny_model):
+    folder = tiny_model("llama").model_id
+    at = page("app.py")
+    at.selectbox(key="w.model_choice").set_value("other").run()
+    at.text_input(key="w.model_path").set_value(folder).run()
+    at.selectbox(key="w.model_choice").set_value("demo").run()
+    at.query_params["model"] = folder   # e.g. the browser's back button to that view
+    at.run()
+    assert not any("does not load from a link" in i.value for i in at.info)
+    assert at.query_params["model"] in (folder, [folder])
 
 
 def test_patching_page_and_drill_down(demo_model):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import streamlit as st
 
 from explorer.errors import ExplorerInputError
+from explorer.models import allowed_model
 from explorer.prompts import PromptPair
 
 STORE = "_explorer_state"
@@ -56,6 +57,7 @@ class Store:
         self.check_pair_for_model = False   # the model changed: is the pair still valid for it?
         self.notice: str | None = None       # one message for the next run (e.g. the pair was replaced)
         self.form_keys: dict[str, str] = {}  # widget key -> store key, for this run's form widgets
+        self.typed_models: set[str] = set()  # folders and hub ids typed in the sidebar (links may name them)
 
     def pair(self) -> PromptPair:
         return PromptPair(**{k: self.values[k] for k in PAIR_KEYS}, id="ui", task="")
@@ -79,8 +81,14 @@ class Store:
         """Take the view a URL describes: its model, pair and page settings; a page setting the
         URL leaves out is back at its default (the URL only lists settings that differ from it)."""
         new_session = self.last_written is None
+        model = url.get("model", "").strip() or DEFAULTS["model"]
+        if "model" in url and not allowed_model(model, self.typed_models):
+            self.notice = (f"This link names the model {model!r}, which the app does not load from a link (only "
+                           "the bundled and prepared models, or a folder you typed in this session). If you trust "
+                           "it, choose 'other' under Model in the sidebar and type it there.")
+            url = {k: v for k, v in url.items() if k != "model"}
         if "model" in url:
-            self.set_model(url["model"].strip() or DEFAULTS["model"])
+            self.set_model(model)
             if new_session:
                 self.check_pair_for_model = False
                 self.set_pair(default_pair(self.values["model"]))
@@ -95,6 +103,14 @@ class Store:
             self.values.pop(key, None)
             del self.url_settings[key]
         self.pending = {k: v for k, v in url.items() if "." in k}
+
+
+def type_model(text: str) -> None:
+    """A folder or hub id the user typed: loaded, and from now on allowed in this session's links."""
+    s = store()
+    if text.strip():
+        s.typed_models.add(text.strip())
+        s.set_model(text.strip())
 
 
 def store() -> Store:

