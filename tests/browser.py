@@ -27,15 +27,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_PIDS: dict[str, int] = {}   # base URL -> the serving process, for memory measurements
+
+
 @contextlib.contextmanager
 def served_app(env: dict | None = None, timeout: float = 120.0):
-    """`streamlit run app.py` on a free loopback port; yields the base URL once healthy."""
+    """`streamlit run app.py` on a free loopback port; yields the base URL once healthy. The
+    server's output goes to a file (a pipe nobody reads would block it once full)."""
+    import tempfile
     port = free_port()
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
            "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
     base = f"http://127.0.0.1:{port}"
+    SERVER_PIDS[base] = proc.pid
     try:
         deadline = time.time() + timeout
         while True:
@@ -46,7 +53,8 @@ def served_app(env: dict | None = None, timeout: float = 120.0):
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"streamlit did not become healthy: {proc.stdout.read() if proc.stdout else ''}")
+                log.seek(0)
+                raise RuntimeError(f"streamlit did not become healthy: {log.read()[-3000:]}")
             time.sleep(0.5)
         yield base
     finally:
@@ -55,6 +63,7 @@ def served_app(env: dict | None = None, timeout: float = 120.0):
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 @contextlib.contextmanager

@@ -330,3 +330,57 @@ def test_attribution_sends_its_top_heads_to_ablation(page):
     page.go_back()
     settle(page)
     assert_page(page, "Attribution")
+
+
+def rendered(page) -> dict:
+    """What a view shows, as text: metrics, every chart mark's values, the sidebar's LDs."""
+    return {"metrics": page.get_by_test_id("stMetricValue").all_inner_texts(),
+            "marks": [m.get_attribute("aria-label") for m in page.locator(".vega-embed path[aria-label]").all()],
+            "lds": sidebar_lds(page)}
+
+
+def test_eight_sessions_on_two_models_at_once_equal_serial_runs(browser, app_url):
+    """Eight visitors at the same moment (patching, ablation, DLA, attribution on demo and on
+    SmolLM2): no exception, and each shows exactly what the same view shows when run alone."""
+    import psutil
+
+    from explorer import smollm2
+    from explorer.errors import ExplorerInputError
+    from explorer.ui.state import SMOLLM2_PAIR
+    from tests.browser import SERVER_PIDS
+    from urllib.parse import urlencode
+    try:
+        smollm2.prepare()
+    except ExplorerInputError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"SmolLM2 could not be prepared here: {exc}")
+    views = [(path, {"model": model, **pair.to_dict(), **settings})
+             for model, pair in (("demo", DEMO_PAIR), ("smollm2", SMOLLM2_PAIR))
+             for path, settings in (("Patching", {"patching.site": "attn_out"}),
+                                    ("Ablation", {"ablation.targets": "L1 attn, 1.3"}),
+                                    ("DLA", {"dla.run": "corrupted"}), ("Attribution", {}))]
+    urls = [f"{app_url}/{path}?" + urlencode({k: v for k, v in q.items() if k not in ("id", "category", "task",
+                                                                                         "notes")})
+            for path, q in views]
+    alone = []
+    for url in urls:
+        p = new_page(browser)
+        p.goto(url)
+        settle(p, timeout=300)
+        assert problems(p) == [] and errors(p) == [], url
+        alone.append(rendered(p))
+        p.context.close()
+    server = psutil.Process(SERVER_PIDS[app_url])
+    pages = [new_page(browser) for _ in urls]
+    for p, url in zip(pages, urls):
+        p.goto(url, wait_until="commit")   # all eight ask before any is served
+    peak = 0
+    for p, url, expected in zip(pages, urls, alone):
+        settle(p, timeout=300)
+        peak = max(peak, server.memory_info().rss)
+        assert problems(p) == [] and errors(p) == [], url
+        assert rendered(p) == expected, url
+        p.context.close()
+    print(f"server RSS after eight concurrent sessions on two models: {peak / 2**20:.0f} MiB")
+    assert peak < 4 * 2**30
