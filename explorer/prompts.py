@@ -285,7 +285,12 @@ def load_prompt_set(path: str | Path) -> PromptSet:
     size = path.stat().st_size
     if size > MAX_PROMPT_SET_BYTES:  # refused before it is read
         raise _too_big(size, f"Prompt set {str(path)!r}")
-    result = parse_jsonl(path.read_text(encoding="utf-8"), path=str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ExplorerInputError(f"Prompt set {str(path)!r} is not UTF-8 text (byte {exc.start} cannot be read): "
+                                 "save it as UTF-8.") from None
+    result = parse_jsonl(text, path=str(path))
     if not result.pairs:
         detail = f" First problem: {result.errors[0]}" if result.errors else ""
         raise ExplorerInputError(f"Prompt set {str(path)!r} has no valid pairs.{detail}")

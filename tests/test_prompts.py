@@ -43,3 +43,11 @@ def test_answer_must_be_one_token(tiny_model):
         tokenize_pair(tok, PromptPair("  ", "w2", "w1", "w2"))
     with pytest.raises(ExplorerInputError, match="corrupted answer is empty"):
         tokenize_pair(tok, PromptPair("w1", "w2", "w1", ""))
+
+
+def test_a_prompt_set_that_is_not_utf8_is_one_message(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"clean": "caf\u00e9", "corrupted": "b", "clean_answer": "x", "corrupted_answer": "y"}\n'
+                     .encode("latin-1"))
+    with pytest.raises(ExplorerInputError, match="is not UTF-8 text"):
+        load_prompt_set(path)
