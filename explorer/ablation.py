@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from explorer import __version__, engine
+from explorer import __version__, budget, engine
 from explorer.adapters import HEAD_LABEL
 from explorer.cache import get_activations
 from explorer.dataset import pair_baselines
@@ -240,27 +240,35 @@ def ratio_of_means_ci(drop, ld, n: int = 1000, seed: int = 0) -> tuple[float, fl
 
 
 def _set_lds(lm, tps: list[TokenizedPair], run: str, targets: list[Target], method: str, positions,
-             reference, progress=None, label: str = "") -> np.ndarray:
-    """Ablated LD on `run` of every pair, all pairs of one token length in one traced pass."""
+             reference, progress=None, label: str = "", memory_budget_mb: float | None = None) -> np.ndarray:
+    """Ablated LD on `run` of every pair, the pairs of one token length batched into as few traced
+    passes as the memory budget allows (at most 64 rows each)."""
     out = np.empty(len(tps))
     by_len: dict[int, list[int]] = {}
     for i, tp in enumerate(tps):
         ids = tp.clean_ids if run == "clean" else tp.corrupted_ids
         by_len.setdefault(len(ids), []).append(i)
+    memory = budget.budget_bytes(lm, memory_budget_mb)
+
+    def run_rows(chunk: list[int]):
+        seqs = [tps[i].clean_ids if run == "clean" else tps[i].corrupted_ids for i in chunk]
+        ivs = []
+        for row, i in enumerate(chunk):  # per-row values (resample differs per pair)
+            for iv in _interventions([list(targets)], method, positions, len(seqs[0]), tuple(seqs[row]), reference,
+                                     draw_base=i):
+                iv.rows = torch.full_like(iv.rows, row)
+                ivs.append(iv)
+        logits, _ = engine.run(lm, torch.tensor([list(s) for s in seqs], device=HOST), ivs)
+        return chunk, [float(logits[row, tps[i].clean_answer_id] - logits[row, tps[i].corrupted_answer_id])
+                       for row, i in enumerate(chunk)]
+
     done = 0
     for n_pos, idx in sorted(by_len.items()):
-        for start in range(0, len(idx), 64):
-            chunk = idx[start:start + 64]
-            seqs = [tps[i].clean_ids if run == "clean" else tps[i].corrupted_ids for i in chunk]
-            ivs = []
-            for row, i in enumerate(chunk):  # per-row values (resample differs per pair)
-                for iv in _interventions([list(targets)], method, positions, n_pos, tuple(seqs[row]), reference,
-                                         draw_base=i):
-                    iv.rows = torch.full_like(iv.rows, row)
-                    ivs.append(iv)
-            logits, _ = engine.run(lm, torch.tensor([list(s) for s in seqs], device=HOST), ivs)
-            for row, i in enumerate(chunk):
-                out[i] = float(logits[row, tps[i].clean_answer_id] - logits[row, tps[i].corrupted_answer_id])
+        step = budget.rows_per_pass(lm, n_pos, memory, 64)
+        for start in range(0, len(idx), step):
+            chunk = idx[start:start + step]
+            for rows, lds in budget.halving_on_oom(lm, run_rows, chunk, "an ablation pass over the prompt set"):
+                out[rows] = lds
             done += len(chunk)
             if progress:
                 progress(done / len(tps), f"{label}{done}/{len(tps)} pairs")
@@ -319,16 +327,21 @@ def _random_target_sets(lm, targets: list[Target], n: int, seed: int) -> list[li
 
 def ablate_set(lm, pairs: list[PromptPair], targets: list[Target], method: str = "mean", positions="all",
                reference_pairs: list[PromptPair] | None = None, thresholds: Thresholds | None = None,
-               n_random: int = 10, n_boot: int = 1000, seed: int = 0, progress=None) -> SetAblationResult:
+               n_random: int = 10, n_boot: int = 1000, seed: int = 0, progress=None,
+               memory_budget_mb: float | None = None) -> SetAblationResult:
+    """Ablate `targets` on every pair of a prompt set, both runs, with CIs, specificity against control
+    pairs and same-size random target sets. memory_budget_mb bounds each pass (see explorer.budget)."""
     _check_method(method)
     thresholds = thresholds or Thresholds()
     tps = [tokenize_pair(lm.tokenizer, p) for p in pairs]
     reference = None
     if method != "zero":
         reference = Reference.from_pairs(lm, reference_pairs or [p for p in pairs if p.category == "headline"], seed)
-    base = pair_baselines(lm, pairs)
-    ld_abl_clean = _set_lds(lm, tps, "clean", targets, method, positions, reference, progress, "clean run: ")
-    ld_abl_corr = _set_lds(lm, tps, "corrupted", targets, method, positions, reference, progress, "corrupted run: ")
+    base = pair_baselines(lm, pairs, memory_budget_mb=memory_budget_mb)
+    ld_abl_clean = _set_lds(lm, tps, "clean", targets, method, positions, reference, progress, "clean run: ",
+                            memory_budget_mb)
+    ld_abl_corr = _set_lds(lm, tps, "corrupted", targets, method, positions, reference, progress, "corrupted run: ",
+                           memory_budget_mb)
     per = base[["id", "task", "category", "ld_clean", "ld_corrupted"]].copy()
     per["ld_ablated_clean"] = ld_abl_clean
     per["ld_ablated_corrupted"] = ld_abl_corr
@@ -360,7 +373,8 @@ def ablate_set(lm, pairs: list[PromptPair], targets: list[Target], method: str =
     random_rows = []
     headline_tps = [tp for tp, p in zip(tps, pairs) if p.category == "headline"]
     for k, rs in enumerate(_random_target_sets(lm, targets, n_random, seed)):
-        lds = _set_lds(lm, headline_tps, "clean", rs, method, positions, reference)
+        lds = _set_lds(lm, headline_tps, "clean", rs, method, positions, reference,
+                       memory_budget_mb=memory_budget_mb)
         random_rows.append({"sample": k, "targets": ", ".join(t.label(lm.arch) for t in rs),
                             "mean_drop": float((ld - lds).mean())})
         if progress:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from explorer import budget
 from explorer.baseline import pair_lds
 from explorer.cache import get_activations
 from explorer.errors import ExplorerInputError
@@ -52,25 +53,34 @@ def _site_tensor(lm, root, site: str, layer: int):
     return lm.sites.mlp(root, layer).output
 
 
-def attribution_patching(lm, tp: TokenizedPair, sites=ATTR_SITES) -> AttributionResult:
+def _read_groups(lm, n_pos: int, reads: list[tuple[str, int]], memory_budget_mb: float | None) -> list[list]:
+    """Reads in groups of whole layers, one forward and backward pass each, so that the autograd graph
+    plus the gradients kept for a group fit the memory budget (one group when everything fits)."""
+    memory = budget.budget_bytes(lm, memory_budget_mb)
+    graph = n_pos * budget.token_bytes(lm, n_pos, grad=True)
+    per_read = n_pos * lm.arch.d_model * torch.finfo(lm.torch_model.dtype).bits // 8 * 2  # activation + gradient
+    per_layer = per_read * max(1, len(reads) // lm.arch.n_layers)
+    layers = max(1, int((memory - graph) // per_layer)) if memory > graph else 1
+    groups: dict[int, list] = {}
+    for read in reads:
+        groups.setdefault(read[1] // layers, []).append(read)
+    return list(groups.values())
+
+
+def _gradients(lm, ids: torch.Tensor, reads: list[tuple[str, int]], answers: tuple[int, int]) -> dict:
+    """{read: (activation, dLD/d activation)} on the corrupted run, [1, pos, ...] each, from one forward and
+    backward pass whose graph starts at the first layer read (earlier layers run without one)."""
     import nnsight
 
-    tp.require_same_length("Attribution patching per position")
-    for site in sites:
-        if site not in ATTR_SITES:
-            raise ExplorerInputError(f"Attribution supports {', '.join(ATTR_SITES)}, not {site!r}.")
-    L = lm.arch.n_layers
-    order = {s: i for i, s in enumerate(("resid_pre", "head_out", "attn_out", "mlp_out"))}
-    reads = sorted(((s, l) for l in range(L) for s in sites), key=lambda r: (r[1], order[r[0]]))
-    _, clean = get_activations(lm, tp.clean_ids, reads)
-    ld_clean, ld_corr = pair_lds(lm, tp, require_span=True)
-    span = ld_clean - ld_corr
-    a, b = tp.clean_answer_id, tp.corrupted_answer_id
-    ids = to_model(lm, torch.tensor([list(tp.corrupted_ids)], device=HOST))
+    a, b = answers
+    start = reads[0][1]
     with lm.lock, torch.enable_grad():
         with lm.nn.trace(ids):
-            embed = lm.sites.embed(lm.nn).output
-            embed.requires_grad_(True)  # weights are frozen; gradients flow from the embedding on
+            if start == 0:
+                first = lm.sites.embed(lm.nn).output
+            else:
+                first = lm.sites.layer(lm.nn, start).input
+            first.requires_grad_(True)  # weights are frozen; gradients flow from here on
             acts = nnsight.save([])
             for site, layer in reads:
                 acts.append(_site_tensor(lm, lm.nn, site, layer))
@@ -83,29 +93,58 @@ def attribution_patching(lm, tp: TokenizedPair, sites=ATTR_SITES) -> Attribution
             acts = [x.detach() for x in acts]
             nnsight.save(acts)
     lm.forward_calls += 1
-    grads = list(reversed(grads))
+    return dict(zip(reads, zip(acts, reversed(grads))))
+
+
+def attribution_patching(lm, tp: TokenizedPair, sites=ATTR_SITES, memory_budget_mb: float | None = None
+                         ) -> AttributionResult:
+    """Every site's estimate from forward and backward passes on the corrupted run: one pass when the
+    memory budget (memory_budget_mb, else explorer.budget's default) holds every layer's gradients,
+    else groups of layers."""
+    tp.require_same_length("Attribution patching per position")
+    for site in sites:
+        if site not in ATTR_SITES:
+            raise ExplorerInputError(f"Attribution supports {', '.join(ATTR_SITES)}, not {site!r}.")
+    L = lm.arch.n_layers
+    order = {s: i for i, s in enumerate(("resid_pre", "head_out", "attn_out", "mlp_out"))}
+    reads = sorted(((s, l) for l in range(L) for s in sites), key=lambda r: (r[1], order[r[0]]))
+    _, clean = get_activations(lm, tp.clean_ids, reads)
+    ld_clean, ld_corr = pair_lds(lm, tp, require_span=True)
+    span = ld_clean - ld_corr
+    answers = (tp.clean_answer_id, tp.corrupted_answer_id)
+    ids = to_model(lm, torch.tensor([list(tp.corrupted_ids)], device=HOST))
     rows = []
-    for (site, layer), corr_act, grad in zip(reads, acts, grads):
-        delta = to_model(lm, clean[(site, layer)], torch.float32) - corr_act[0].float().view(clean[(site, layer)].shape)
-        g = grad[0].float().view(delta.shape)
-        contrib = (delta * g)  # [pos, d] or [pos, head, d_head]
-        if site == "head_out":
-            per = contrib.sum(-1) / span  # [pos, head]
-            for head in range(per.shape[1]):
-                label = lm.arch.head_label(layer, head)
-                rows.append({"site": site, "layer": layer, "pos": -1, "head": head, "head_label": label,
-                             "estimate": float(per[:, head].sum())})
-                for pos in range(per.shape[0]):
-                    rows.append({"site": site, "layer": layer, "pos": pos, "head": head, "head_label": label,
-                                 "estimate": float(per[pos, head])})
-        else:
-            per = contrib.sum(-1) / span
-            for pos, value in enumerate(per.tolist()):
-                rows.append({"site": site, "layer": layer, "pos": pos, "head": -1, "head_label": "", "estimate": value})
+    for group in _read_groups(lm, tp.n_pos, reads, memory_budget_mb):
+        run = lambda part: _gradients(lm, ids, part, answers)  # noqa: E731
+        for found in budget.halving_on_oom(lm, run, group, "attribution patching"):
+            for (site, layer), (corr_act, grad) in found.items():
+                rows += _estimates(lm, site, layer, clean[(site, layer)], corr_act, grad, span)
+    rows.sort(key=lambda r: (r["layer"], order[r["site"]]))  # the frame's order does not depend on the groups
     frame = pd.DataFrame(rows)
     diff = set(tp.differing_positions)
     frame["differs"] = frame["pos"].isin(diff)
     return AttributionResult(frame, ld_clean, ld_corr)
+
+
+def _estimates(lm, site: str, layer: int, clean_act, corr_act, grad, span: float) -> list[dict]:
+    delta = to_model(lm, clean_act, torch.float32) - corr_act[0].float().view(clean_act.shape)
+    g = grad[0].float().view(delta.shape)
+    contrib = (delta * g)  # [pos, d] or [pos, head, d_head]
+    rows = []
+    if site == "head_out":
+        per = contrib.sum(-1) / span  # [pos, head]
+        for head in range(per.shape[1]):
+            label = lm.arch.head_label(layer, head)
+            rows.append({"site": site, "layer": layer, "pos": -1, "head": head, "head_label": label,
+                         "estimate": float(per[:, head].sum())})
+            for pos in range(per.shape[0]):
+                rows.append({"site": site, "layer": layer, "pos": pos, "head": head, "head_label": label,
+                             "estimate": float(per[pos, head])})
+    else:
+        per = contrib.sum(-1) / span
+        for pos, value in enumerate(per.tolist()):
+            rows.append({"site": site, "layer": layer, "pos": pos, "head": -1, "head_label": "", "estimate": value})
+    return rows
 
 
 def spearman(x, y) -> float:

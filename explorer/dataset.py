@@ -6,7 +6,7 @@ from collections import defaultdict
 import pandas as pd
 import torch
 
-from explorer import engine
+from explorer import budget, engine
 from explorer.errors import ExplorerInputError
 from explorer.prompts import PromptPair, tokenize_pair
 from explorer.runtime import HOST
@@ -14,31 +14,42 @@ from explorer.runtime import HOST
 BATCH = 64
 
 
-def last_logits(lm, sequences: list[tuple[int, ...]], progress=None) -> list[torch.Tensor]:
-    """Last-position logits for many prompts; prompts of equal length share a traced pass."""
+def last_logits(lm, sequences: list[tuple[int, ...]], progress=None, memory_budget_mb: float | None = None
+                ) -> list[torch.Tensor]:
+    """Last-position logits for many prompts; prompts of equal length share traced passes of at most
+    BATCH rows, fewer where the memory budget (see explorer.budget) says so."""
     by_len = defaultdict(list)
     for i, seq in enumerate(sequences):
         by_len[len(seq)].append(i)
     out: list = [None] * len(sequences)
+    memory = budget.budget_bytes(lm, memory_budget_mb)
+
+    def run(chunk: list[int]):
+        logits, _ = engine.run(lm, torch.tensor([sequences[i] for i in chunk], device=HOST))
+        return chunk, logits
+
     done = 0
-    for _, idx in sorted(by_len.items()):
-        for start in range(0, len(idx), BATCH):
-            chunk = idx[start:start + BATCH]
-            logits, _ = engine.run(lm, torch.tensor([sequences[i] for i in chunk], device=HOST))
-            for i, row in zip(chunk, logits):
-                out[i] = row
+    for n_pos, idx in sorted(by_len.items()):
+        step = budget.rows_per_pass(lm, n_pos, memory, BATCH)
+        for start in range(0, len(idx), step):
+            chunk = idx[start:start + step]
+            for rows, logits in budget.halving_on_oom(lm, run, chunk, "a batch of prompts"):
+                for i, row in zip(rows, logits):
+                    out[i] = row
             done += len(chunk)
             if progress:
                 progress(done / len(sequences), f"{done}/{len(sequences)} prompts")
     return out
 
 
-def pair_baselines(lm, pairs: list[PromptPair], progress=None) -> pd.DataFrame:
+def pair_baselines(lm, pairs: list[PromptPair], progress=None, memory_budget_mb: float | None = None
+                   ) -> pd.DataFrame:
     """One row per pair: LD on both runs, whether each run's top-1 token is its answer."""
     if not pairs:
         raise ExplorerInputError("The prompt set has no pairs.")
     tps = [tokenize_pair(lm.tokenizer, p) for p in pairs]
-    logits = last_logits(lm, [tp.clean_ids for tp in tps] + [tp.corrupted_ids for tp in tps], progress)
+    logits = last_logits(lm, [tp.clean_ids for tp in tps] + [tp.corrupted_ids for tp in tps], progress,
+                         memory_budget_mb)
     rows = []
     for i, tp in enumerate(tps):
         clean, corr = logits[i], logits[len(tps) + i]

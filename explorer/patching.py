@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from explorer import engine, scheduler
+from explorer import budget, engine, scheduler
 from explorer.adapters import HEAD_LABEL, LINEAR, canonical_site
 from explorer.baseline import pair_lds
 from explorer.cache import get_activations, load_result, result_key, save_result
@@ -113,8 +113,10 @@ def _interventions(patches: list[Patch], source: dict, source_len: int, target_l
 
 
 def patched_logit_diffs(lm, tp: TokenizedPair, patches: list[Patch], direction: str = "denoise",
-                        progress: Callable[[float, str], None] | None = None, fast: bool = True) -> np.ndarray:
-    """LD of the target run with each patch applied; one value per patch."""
+                        progress: Callable[[float, str], None] | None = None, fast: bool = True,
+                        memory_budget_mb: float | None = None) -> np.ndarray:
+    """LD of the target run with each patch applied; one value per patch. Passes are split to the memory
+    budget (memory_budget_mb, else explorer.budget's default)."""
     _check_direction(direction)
     _validate(lm, tp, patches)
     key = result_key(lm, tp, patches, direction)
@@ -124,22 +126,28 @@ def patched_logit_diffs(lm, tp: TokenizedPair, patches: list[Patch], direction: 
             progress(1.0, f"{len(patches)} patches (cached)")
         return hit
     if fast and all(len(p) == 1 for p in patches):
-        out = scheduler.patched_lds(lm, tp, patches, direction, progress)
+        out = scheduler.patched_lds(lm, tp, patches, direction, progress, memory_budget_mb=memory_budget_mb)
         save_result(key, out)
         return out
     src_ids, tgt_ids = (tp.clean_ids, tp.corrupted_ids) if direction == "denoise" else (tp.corrupted_ids, tp.clean_ids)
     reads = sorted({(c.site, c.layer) for p in patches for c in p})
     _, source = get_activations(lm, src_ids, reads)
-    rows_per_pass = max(1, scheduler.TOKEN_BUDGET // len(tgt_ids))
+    rows_per_pass = budget.rows_per_pass(lm, len(tgt_ids), budget.budget_bytes(lm, memory_budget_mb),
+                                         max(1, scheduler.TOKEN_BUDGET // len(tgt_ids)))
     target = torch.tensor([tgt_ids], dtype=torch.long, device=HOST)
     out = np.empty(len(patches))
+
+    def run(rows: list[int]):
+        ivs = _interventions([patches[i] for i in rows], source, len(src_ids), len(tgt_ids))
+        logits, _ = engine.run(lm, target.expand(len(rows), -1), ivs)
+        return rows, (logits[:, tp.clean_answer_id] - logits[:, tp.corrupted_answer_id]).numpy()
+
     for start in range(0, len(patches), rows_per_pass):
-        chunk = patches[start:start + rows_per_pass]
-        ivs = _interventions(chunk, source, len(src_ids), len(tgt_ids))
-        logits, _ = engine.run(lm, target.expand(len(chunk), -1), ivs)
-        out[start:start + len(chunk)] = (logits[:, tp.clean_answer_id] - logits[:, tp.corrupted_answer_id]).numpy()
+        chunk = list(range(start, min(start + rows_per_pass, len(patches))))
+        for rows, lds in budget.halving_on_oom(lm, run, chunk, "a patching pass"):
+            out[rows] = lds
         if progress:
-            done = min(start + len(chunk), len(patches))
+            done = chunk[-1] + 1
             progress(done / len(patches), f"{done}/{len(patches)} patches")
     save_result(key, out)
     return out

@@ -8,11 +8,12 @@ errors, prompts and runtime, never an analysis (patching imports it, not the oth
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from explorer import calibration, engine
+from explorer import budget, calibration, engine
 from explorer.adapters import LINEAR
 from explorer.cache import get_activations
 from explorer.errors import ExplorerInputError
@@ -147,17 +148,31 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def _fill(rows: list[_Row], n_pos: int, budget: int) -> list[list[_Row]]:
-    """Consecutive rows in chunks of at most `budget` tokens (a row holds n_pos - first; one row at least)."""
-    out, current, used = [], [], 0
-    for row in rows:
-        size = n_pos - row.first
-        if current and used + size > budget:
-            out.append(current)
-            current, used = [], 0
-        current.append(row)
-        used += size
-    return out + [current] if current else out
+@dataclass(frozen=True)
+class _Limits:
+    """How much one pass may hold: speed caps (PACK_TOKENS, TOKEN_BUDGET) and the memory budget."""
+
+    pack: int  # tokens of a packed pass over the target's cached prefix
+    one_pass: int  # tokens of a single pass (target, source and rows; no cached prefix)
+    batch: int  # rows x positions of a batch of rows that all start at one position
+    memory: int  # bytes
+    row_bytes: Callable[[int], int]  # a batched row starting at `first`: its tokens and its prefix copy
+
+    @classmethod
+    def of(cls, lm, n_pos: int, memory_budget_mb: float | None) -> "_Limits":
+        memory = budget.budget_bytes(lm, memory_budget_mb)
+        per_token, kv = budget.token_bytes(lm, n_pos), budget.kv_bytes(lm)
+        return cls(pack=budget.packed_tokens(lm, memory, n_pos, PACK_TOKENS),
+                   one_pass=budget.packed_tokens(lm, memory, 0, PACK_TOKENS), batch=TOKEN_BUDGET, memory=memory,
+                   row_bytes=lambda first: (n_pos - first) * per_token + first * kv)
+
+
+def _fill(rows: list[_Row], n_pos: int, tokens: int, limits: _Limits | None = None) -> list[list[_Row]]:
+    """Consecutive rows in chunks of at most `tokens` tokens (a row holds n_pos - first; one row at
+    least) and, for batches of rows with one start (limits given), within the memory budget."""
+    if limits is None:
+        return budget.fill(rows, lambda r: (n_pos - r.first,), (tokens,))
+    return budget.fill(rows, lambda r: (n_pos - r.first, limits.row_bytes(r.first)), (tokens, limits.memory))
 
 
 def _packed(chunk: list[_Row], n_pos: int, start: int = 0):
@@ -170,29 +185,29 @@ def _packed(chunk: list[_Row], n_pos: int, start: int = 0):
     return lengths, offsets, positions, torch.repeat_interleave(torch.arange(len(chunk), device=HOST), lengths)
 
 
-def _one_pass_chunks(rows: list[_Row], n_tgt: int, n_fixed: int) -> list[list[_Row]]:
-    """Rows per single pass, within PACK_TOKENS beside the n_fixed tokens of the target and source runs."""
-    return _fill(rows, n_tgt, max(1, PACK_TOKENS - n_fixed)) or [[]]
+def _one_pass_chunks(rows: list[_Row], n_tgt: int, n_fixed: int, limits: _Limits) -> list[list[_Row]]:
+    """Rows per single pass, within its token limit beside the n_fixed tokens of the target and source runs."""
+    return _fill(rows, n_tgt, max(1, limits.one_pass - n_fixed)) or [[]]
 
 
-def _one_pass_cost(lm, rows: list[_Row], n_tgt: int, n_fixed: int) -> float:
+def _one_pass_cost(lm, rows: list[_Row], n_tgt: int, n_fixed: int, limits: _Limits) -> float:
     per_token_layer, attn_per_pair, costs = _unit_costs(lm)
     cost = 0.0
-    for chunk in _one_pass_chunks(rows, n_tgt, n_fixed):
+    for chunk in _one_pass_chunks(rows, n_tgt, n_fixed, limits):
         tokens = n_fixed + sum(n_tgt - r.first for r in chunk)
         cost += costs.overhead_s + lm.arch.n_layers * (per_token_layer * (tokens + costs.small_batch_tokens)
                                                        + attn_per_pair * tokens * tokens)
     return cost
 
 
-def _two_pass_cost(lm, rows: list[_Row], n_src: int, n_tgt: int) -> float:
+def _two_pass_cost(lm, rows: list[_Row], n_src: int, n_tgt: int, limits: _Limits) -> float:
     per_token_layer, _, costs = _unit_costs(lm)
     pair = costs.overhead_s + lm.arch.n_layers * per_token_layer * (n_src + n_tgt + costs.small_batch_tokens)
-    return pair + _layer_blocks(lm, rows, n_tgt)[1]
+    return pair + _layer_blocks(lm, rows, n_tgt, limits)[1]
 
 
 def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, shared: int, answers: tuple[int, int],
-                  n_patches: int, progress=None) -> np.ndarray:
+                  n_patches: int, limits: _Limits, progress=None) -> np.ndarray:
     """The target run, the source run and the patched rows packed into one sequence per pass; each patch
     copies the source's value at its layer, within the same forward, into its row. The source segment
     and the rows see the target segment's tokens before their first position (in place of a cached
@@ -200,8 +215,9 @@ def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, shared: 
     same values in both runs."""
     n_src, n_tgt = len(src_ids), len(tgt_ids)
     n_fixed = n_tgt + n_src - shared
-    done, found = n_patches - len(rows), {}
-    for chunk in _one_pass_chunks(rows, n_tgt, n_fixed):
+    done, found, target_ld = n_patches - len(rows), {}, None
+
+    def run(chunk: list[_Row]):
         lengths, offsets, row_positions, row_owner = _packed(chunk, n_tgt, n_fixed)
         positions = torch.cat([torch.arange(n_tgt, device=HOST), torch.arange(shared, n_src, device=HOST),
                                row_positions])
@@ -228,17 +244,21 @@ def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, shared: 
         keep = torch.cat([torch.tensor([n_tgt - 1], device=HOST), offsets + lengths - 1])
         logits, _ = engine.run(lm, ids, ivs, keep=keep, attention_mask=mask, position_ids=positions[None],
                                answers=answers)
-        lds = (logits[0, :, 0] - logits[0, :, 1]).numpy()
-        found.update({r.index: ld for r, ld in zip(chunk, lds[1:])})
+        return chunk, (logits[0, :, 0] - logits[0, :, 1]).numpy()
+
+    for chunk in _one_pass_chunks(rows, n_tgt, n_fixed, limits):
+        for part, lds in budget.halving_on_oom(lm, run, chunk, "a patching pass"):
+            found.update({r.index: ld for r, ld in zip(part, lds[1:])})
+            target_ld = lds[0]
         done += len(chunk)
         if progress:
             progress(done / n_patches, f"{done}/{n_patches} patches")
-    out = np.full(n_patches, float(lds[0]))  # unchanged patches: the target run's LD; float64 like other paths
+    out = np.full(n_patches, float(target_ld))  # unchanged patches: the target run's LD; float64 like other paths
     out[list(found)] = list(found.values())
     return out
 
 
-def _layer_blocks(lm, rows: list[_Row], n_pos: int) -> tuple[list[list[_Row]], float]:
+def _layer_blocks(lm, rows: list[_Row], n_pos: int, limits: _Limits) -> tuple[list[list[_Row]], float]:
     """Split the rows into passes over contiguous layer blocks [a, b), each starting at layer a,
     minimising a cost model: a fixed cost per pass plus FLOPs for the tokens x layers it runs (small
     batches charged extra for their poor matmul efficiency, packed passes for their attention)."""
@@ -247,14 +267,16 @@ def _layer_blocks(lm, rows: list[_Row], n_pos: int) -> tuple[list[list[_Row]], f
     if LAYER_BLOCK:
         return [[r for rs in by_layer[a:a + LAYER_BLOCK] for r in rs] for a in range(0, n_layers, LAYER_BLOCK)], 0.0
     per_token_layer, attn_per_pair, costs = _unit_costs(lm)
+    per_token_bytes = budget.token_bytes(lm, n_pos)
 
     def cost(a: int, tokens: float, uniform: bool) -> float:
         if tokens == 0:
             return 0.0
         if uniform:  # a batch of rows of equal length
-            passes, attention = max(1.0, np.ceil(tokens / TOKEN_BUDGET)), attn_per_pair * tokens * n_pos
+            passes = max(1.0, np.ceil(tokens / limits.batch), np.ceil(tokens * per_token_bytes / limits.memory))
+            attention = attn_per_pair * tokens * n_pos
         else:  # packed: every packed token is scored against the whole pass
-            passes = max(1.0, np.ceil(tokens / PACK_TOKENS))
+            passes = max(1.0, np.ceil(tokens / limits.pack))
             attention = attn_per_pair * tokens * (n_pos + tokens / passes)
         return passes * costs.overhead_s + (n_layers - a) * (
             per_token_layer * (tokens + passes * costs.small_batch_tokens) + attention)
@@ -276,9 +298,11 @@ def _layer_blocks(lm, rows: list[_Row], n_pos: int) -> tuple[list[list[_Row]], f
     return [blk for blk in reversed(blocks) if blk], best[n_layers]
 
 
-def _chunks(block: list[_Row], n_pos: int) -> list[list[_Row]]:
-    """Bound the tokens of one pass (memory): packed tokens, or batch rows x positions."""
-    return _fill(block, n_pos, PACK_TOKENS if len({r.first for r in block}) > 1 else TOKEN_BUDGET)
+def _chunks(block: list[_Row], n_pos: int, limits: _Limits) -> list[list[_Row]]:
+    """Bound one pass: packed tokens, or batch rows x positions and their bytes."""
+    if len({r.first for r in block}) > 1:
+        return _fill(block, n_pos, limits.pack)
+    return _fill(block, n_pos, limits.batch, limits)
 
 
 def _run_pass(lm, chunk: list[_Row], tgt_ids: torch.Tensor, target: dict, full_kv, answers: tuple[int, int]
@@ -345,12 +369,13 @@ def clear_memo() -> None:
 
 
 def patched_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, progress=None, *,
-                trim: bool = True, one_pass: bool | None = None) -> np.ndarray:
+                trim: bool = True, one_pass: bool | None = None, memory_budget_mb: float | None = None) -> np.ndarray:
     """LD of the target run with each patch applied (one value per patch, float64). Every patch is one
     cell; the caller validates cells and direction. progress(fraction, text) is called after each pass.
     trim=False runs every patch in full (benchmarks and tests of the packing alone). one_pass: True/False
     forces the single packed pass or the two-stage path; None lets the cost model choose (one pass wins
-    where a traced pass's fixed cost outweighs the layers it cannot skip)."""
+    where a traced pass's fixed cost outweighs the layers it cannot skip). memory_budget_mb bounds each
+    pass (default: explorer.budget's, from the device's free memory)."""
     if any(len(p) != 1 for p in patches):
         raise ExplorerInputError("The pass scheduler runs single-cell patches; patch sets take the batched path.")
     src_ids, tgt_ids = (tp.clean_ids, tp.corrupted_ids) if direction == "denoise" else (tp.corrupted_ids, tp.clean_ids)
@@ -359,22 +384,26 @@ def patched_lds(lm, tp: TokenizedPair, patches: list[Patch], direction: str, pro
     cells = [p[0] for p in patches]
     a, b = tp.clean_answer_id, tp.corrupted_answer_id
     packed = _packable(lm, max(n_src, n_tgt))
+    limits = _Limits.of(lm, n_tgt, memory_budget_mb)
     if packed and one_pass is not False:
         shared = _shared_prefix(src_ids, tgt_ids)
         rows = [r for r in _token_rows(cells, n_src, n_tgt, shared, trim) if r is not None]
         n_fixed = n_tgt + n_src - shared
-        if one_pass or _one_pass_cost(lm, rows, n_tgt, n_fixed) < _two_pass_cost(lm, rows, n_src, n_tgt):
-            return _one_pass_lds(lm, rows, src_ids, tgt_ids, shared, (a, b), len(patches), progress)
+        single = _one_pass_cost(lm, rows, n_tgt, n_fixed, limits)
+        if one_pass or single < _two_pass_cost(lm, rows, n_src, n_tgt, limits):
+            return _one_pass_lds(lm, rows, src_ids, tgt_ids, shared, (a, b), len(patches), limits, progress)
     reads = sorted({(c.site, c.layer) for c in cells} | {("resid_post", l) for l in range(n_layers - 1)})
     source, target, tgt_logits, full_kv = _pair_state(lm, src_ids, tgt_ids, reads, packed)
     out = np.full(len(patches), float(tgt_logits[a] - tgt_logits[b]))  # unchanged patches: the target's LD
     todo = [r for r in _rows(cells, source, target, n_src, n_tgt, trim) if r is not None]
     if not packed:
         todo = [_Row(r.index, r.cell, 0, r.positions, r.values) for r in todo]
-    chunks = [c for block in _layer_blocks(lm, todo, n_tgt)[0] for c in _chunks(block, n_tgt)]
+    chunks = [c for block in _layer_blocks(lm, todo, n_tgt, limits)[0] for c in _chunks(block, n_tgt, limits)]
     ids, done = torch.tensor(list(tgt_ids), device=HOST), len(patches) - len(todo)
+    run = lambda chunk: (chunk, _run_pass(lm, chunk, ids, target, full_kv, (a, b)).numpy())  # noqa: E731
     for chunk in chunks:
-        out[[r.index for r in chunk]] = _run_pass(lm, chunk, ids, target, full_kv, (a, b)).numpy()
+        for part, lds in budget.halving_on_oom(lm, run, chunk, "a patching pass"):
+            out[[r.index for r in part]] = lds
         done += len(chunk)
         if progress:
             progress(done / len(patches), f"{done}/{len(patches)} patches")
