@@ -164,7 +164,8 @@ def tl_sweep(model, tp, kind: str):
     from transformer_lens import patching as tlp
     a, b = tp.clean_answer_id, tp.corrupted_answer_id
     device = model.cfg.device
-    clean, corr = torch.tensor([list(tp.clean_ids)], device=device), torch.tensor([list(tp.corrupted_ids)], device=device)
+    clean = torch.tensor([list(tp.clean_ids)], device=device)
+    corr = torch.tensor([list(tp.corrupted_ids)], device=device)
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)
         metric = lambda logits: logits[0, -1, a] - logits[0, -1, b]  # noqa: E731

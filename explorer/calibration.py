@@ -10,6 +10,7 @@ runtime only.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -80,8 +81,11 @@ def pass_costs(lm) -> PassCosts:
             costs = PassCosts(**{**json.loads(path.read_text()), "source": "disk"})
         except (OSError, ValueError, TypeError):
             costs = measure(lm)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(asdict(costs)))
+            with contextlib.suppress(OSError):  # a read-only cache only costs a probe per process
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(f".{os.getpid()}.tmp")
+                partial.write_text(json.dumps(asdict(costs)))
+                partial.replace(path)  # atomic: another process never reads half a file
         _MEMO[key] = costs
     return costs
 

@@ -2,8 +2,9 @@
 
 It decides which patches need no pass, how rows are packed, which layers a pass skips and whether one
 pass carries the source and target runs too, and returns one LD per patch, equal to one trace per patch.
-Entry points: `patched_lds` and `clear_memo`. It is core: it may import engine, adapters, cache,
-errors, prompts and runtime, never an analysis (patching imports it, not the other way round).
+Entry points: `patched_lds` and `clear_memo`. It is core: it may import engine, adapters, budget,
+cache, calibration, errors, prompts and runtime, never an analysis (patching imports it, not the
+other way round).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from explorer.prompts import TokenizedPair
 from explorer.runtime import HOST, to_model
 
 LAST = -1  # position sentinel: the last position of each run (works for unequal lengths)
-TOKEN_BUDGET = 8192  # batch rows x positions per traced pass; bounds activation memory
+TOKEN_BUDGET = 8192  # at most this many batch rows x positions per traced pass (the memory budget may say fewer)
 
 
 @dataclass(frozen=True)
