@@ -162,6 +162,10 @@ def allowed_model(model: str, typed_by_user: Iterable[str] = ()) -> bool:
         return False
 
 
+# Weight files transformers can load from a local folder; safetensors first (no pickle).
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+
+
 def load_model(model: str = "demo", device: str = "auto", dtype: str = "float32",
                trust_remote_code: bool = False, threads: int | None = None) -> LoadedModel:
     """Load by hub id, local folder, 'demo' or 'smollm2' through nnsight's TransformersModel."""
@@ -189,6 +193,9 @@ def load_model(model: str = "demo", device: str = "auto", dtype: str = "float32"
     arch = architecture_for(config)
     from nnsight.modeling.transformers import TransformersModel
 
+    if folder is not None and not any(folder.glob(pattern) for pattern in WEIGHT_FILES):
+        raise ExplorerInputError(f"Folder {model!r} has a config.json but no weight files "
+                                 f"({', '.join(WEIGHT_FILES)}): copy the model's weights into it.")
     try:
         tokenizer = load_tokenizer(folder, trust_remote_code) if folder else _hub_tokenizer(model, trust_remote_code)
         kwargs = dict(task="text-generation", dispatch=True, tokenizer=tokenizer, dtype=torch_dtype,
@@ -200,6 +207,13 @@ def load_model(model: str = "demo", device: str = "auto", dtype: str = "float32"
         if folder is not None and not folder.is_dir():  # removed between the config and the weights
             raise _vanished(folder) from None
         raise
+    except (ValueError, RuntimeError) as exc:
+        # transformers wraps a shape mismatch between weights and config in a long report.
+        if "mismatch" in str(exc) or "size mismatch" in str(exc):
+            raise ExplorerInputError(f"The weights in {model!r} do not match its config.json (tensor shapes differ): "
+                                     "use the config the weights were saved with.") from None
+        raise ExplorerInputError(f"Could not load the weights of {model!r}: "
+                                 f"{str(exc).strip().splitlines()[-1][:300]}") from None
     nn_model._module.eval()
     nn_model._module.requires_grad_(False)  # interpretability never trains; gradients start at activations
     whash = weight_hash(folder) if folder else _hash_tensors(nn_model._module)

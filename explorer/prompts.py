@@ -108,6 +108,10 @@ def answer_token_id(tokenizer, answer: str, which: str) -> int:
     if not answer:
         raise ExplorerInputError(f"The {label} is empty; give the one token the model should predict.")
     ids = tokenizer.encode(answer, add_special_tokens=False)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if len(ids) == 1 and ids[0] == unk and answer.strip() != tokenizer.unk_token:
+        raise ExplorerInputError(f"The {label} {answer!r} is not in this model's vocabulary (it would be read as "
+                                 f"{tokenizer.unk_token!r}): pick a word the model knows.")
     if len(ids) == 1:
         return ids[0]
     pieces = " | ".join(repr(tokenizer.decode([i])) for i in ids) or "(nothing)"
