@@ -15,6 +15,8 @@ from explorer.ui.state import DEMO_PAIR
 PAIR = ["--clean", DEMO_PAIR.clean, "--corrupted", DEMO_PAIR.corrupted,
         "--clean-answer", DEMO_PAIR.clean_answer, "--corrupted-answer", DEMO_PAIR.corrupted_answer]
 LONG = " ".join(["Mango"] * 70)
+# A pair in the tiny random models' vocabulary (explorer/tiny.py).
+TINY_PAIR = ["--clean", "w1 w2 w3 w4", "--corrupted", "w1 w5 w3 w4", "--clean-answer", "w6", "--corrupted-answer", "w7"]
 
 
 def with_pair(**changes) -> list[str]:
@@ -103,7 +105,13 @@ CATALOGUE = [
     Case("unknown-family", "an architecture with no adapter", ["baseline", "--model", "{tmp}/bert", *PAIR],
          "not supported yet", {"set": {"w.model_choice": "other", "w.model_path": "{tmp}/bert"}},
          {"w.model_choice": "demo"}),
-    Case("no-device", "a device the machine does not have", ["baseline", "--device", "cuda:7", *PAIR], "cuda"),
+    Case("linear-attention-head", "a head slot in a linear-attention (Gated DeltaNet) layer where a pattern is "
+         "needed", ["patch", "--model", "{tmp}/hybrid", *TINY_PAIR, "--receiver", "1.1.q"],
+         "needs a softmax attention layer"),
+    Case("fp16-overflow", "activations that overflow float16 (inf/NaN logits)",
+         ["baseline", "--model", "{tmp}/overflow", "--dtype", "float16", *TINY_PAIR], "overflowed to inf/NaN"),
+    Case("no-device", "a device the machine does not have", ["baseline", "--device", "cuda:7", *PAIR], "cuda",
+         {"set": {"w.device": "cuda"}}, {"w.device": "auto"}),
     Case("unknown-dtype", "a dtype that is not offered", ["baseline", "--dtype", "float8", *PAIR], "Unknown dtype 'float8'"),
     Case("missing-set", "a prompt set that does not exist", ["patch", "--prompts", "{tmp}/none.jsonl"],
          "does not exist"),
@@ -120,6 +128,8 @@ CATALOGUE = [
 
 def make_case_dir(root):
     """Folders and files the cases name: broken model folders and broken prompt sets."""
+    from safetensors.torch import load_file, save_file
+
     from explorer.prompts import MAX_PROMPT_SET_BYTES
     from explorer.tiny import build_tiny_model
     (root / "empty").mkdir()
@@ -136,6 +146,11 @@ def make_case_dir(root):
     shutil.copytree(good, root / "bert")
     (root / "bert" / "config.json").write_text(json.dumps({**config, "model_type": "bert",
                                                            "architectures": ["BertForMaskedLM"]}))
+    build_tiny_model("qwen3_5", root / "hybrid")   # three Gated DeltaNet layers, then softmax attention
+    overflow = build_tiny_model("llama", root / "overflow")
+    weights = load_file(str(overflow / "model.safetensors"))   # matrices x300: fp16's range is exceeded
+    save_file({k: v * 300.0 if v.dim() == 2 else v for k, v in weights.items()},
+              str(overflow / "model.safetensors"), metadata={"format": "pt"})
     (root / "broken.jsonl").write_text("not json\n{\"clean\": 3}\n[1, 2]\n")
     (root / "empty.jsonl").write_text("")
     with open(root / "huge.jsonl", "wb") as fh:
@@ -209,6 +224,7 @@ def shown_cli(args: list[str]) -> str:
     """How a case's command reads in the docs: the demo pair and long prompts abbreviated."""
     import shlex
     names = {DEMO_PAIR.clean: "$CLEAN", DEMO_PAIR.corrupted: "$CORRUPTED", LONG: "'Mango Mango ... (70 words)'"}
+    names.update({t: shlex.quote(t) for t in TINY_PAIR})
     return "python -m explorer " + " ".join(names.get(a, shlex.quote(a).replace("|", "\\|")) for a in args)
 
 
@@ -236,6 +252,11 @@ def table() -> str:
             "offers that input, in the app (one message on the page, then the next valid input works). "
             f"{len(CATALOGUE)} cases, {len(APP_CASES)} of them in the app too. `$CLEAN` and `$CORRUPTED` stand for "
             "the demo pair's prompts; `…` for a temporary folder the test makes.", "",
+            "Faults that are survived rather than reported are tested elsewhere: a corrupt or truncated cache "
+            "entry is discarded and recomputed with a warning (`tests/test_cache.py`); an out-of-memory error "
+            "halves the batch once, then says what to change (`tests/test_budget.py`); a model folder removed "
+            "while the app runs (`tests/test_models.py`); a URL naming a model folder, hub id or an unknown "
+            "setting value opens the default view with a notice (`tests/test_app.py`).", "",
             "| case | input | command | exit | message | app |", "|---|---|---|---|---|---|"]
     return "\n".join(head + rows) + "\n"
 
