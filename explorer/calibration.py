@@ -24,7 +24,7 @@ import torch
 from explorer import engine
 from explorer.runtime import HOST, cache_dir
 
-VERSION = 1  # bump when the probe or the model changes: older files are then ignored
+VERSION = 2  # bump when the probe or the model changes: older files are then ignored
 
 
 @dataclass(frozen=True)
@@ -102,28 +102,34 @@ def _timed(lm, ids: torch.Tensor, skip: int = 0, repeat: int = 3) -> float:
     return best
 
 
-def measure(lm, max_tokens: int = 4096, max_seconds: float = 1.0) -> PassCosts:
+def measure(lm, max_tokens: int = 4096, max_seconds: float = 1.5) -> PassCosts:
     """Fit overhead, throughput and the small-batch charge from a handful of traced passes."""
     n_layers, calls, started = lm.arch.n_layers, lm.forward_calls, time.perf_counter()
     one = torch.zeros(1, 1, dtype=torch.long, device=HOST)
     t_one = _timed(lm, one)
-    # One token through one layer: the difference to all layers is the per-layer cost of a tiny pass
-    # (Python per module, weights read for a matrix-vector product), the rest is the pass's own cost.
+    # One token through one layer: nearly all of it is the pass's own cost (Python, hooks, launches).
     t_layer = _timed(lm, one, skip=n_layers - 1) if n_layers > 1 else t_one
-    # Grow the batch (rows of 8 tokens, so attention stays small) until compute is most of the pass;
-    # the slope from one token to there is the throughput. A GPU may stay flat for thousands of
+    # Grow the batch (rows of 8 tokens, so attention stays small) until compute is most of the pass.
+    # The line through the last size and the one two doublings before is the throughput where the
+    # scheduler's passes live (tens to hundreds of tokens); a line from one token would charge a big
+    # pass the slower per-token cost of small matrix products. A GPU may stay flat for thousands of
     # tokens, a CPU rises within a few dozen.
+    sizes, times = [1], [t_one]
     n = 16
     while True:
-        t_n = _timed(lm, torch.zeros(n // 8, 8, dtype=torch.long, device=HOST), repeat=2)
-        if t_n > 3 * t_one or n >= max_tokens or time.perf_counter() - started > max_seconds:
+        sizes.append(n)
+        times.append(_timed(lm, torch.zeros(n // 8, 8, dtype=torch.long, device=HOST), repeat=2))
+        if times[-1] > 4 * t_one or n >= max_tokens or time.perf_counter() - started > max_seconds:
             break
         n *= 2
     lm.forward_calls = calls  # the probe is not an experiment's pass (tests count those)
-    u = max((t_n - t_one) / (n_layers * (n - 1)), 1e-12)  # seconds per token per layer
-    per_layer_one = max(t_one - t_layer, 0.0) / (n_layers - 1) if n_layers > 1 else u
-    small = min(max(per_layer_one / u - 1, 0.0), 4096.0)
-    overhead = min(max(t_one - n_layers * u * (1 + small), 1e-5), t_one)
+    low = max(len(sizes) - 3, 0)
+    u = max((times[-1] - times[low]) / (n_layers * (sizes[-1] - sizes[low])), 1e-12)  # s per token per layer
+    intercept = times[-1] - n_layers * u * sizes[-1]  # a pass of no tokens, on that line
+    # What the line puts at zero tokens beyond the pass's own cost is charged per layer run: the
+    # small-batch term, in tokens' worth of compute.
+    small = min(max((intercept - t_layer) / (n_layers * u), 0.0), 4096.0)
+    overhead = min(max(t_layer - u * (1 + small), 1e-5), t_one)
     return PassCosts(overhead_s=overhead, flops_per_s=_layer_flops(lm) / u, small_batch_tokens=small,
                      source="measured", probe_s=time.perf_counter() - started)
 
