@@ -225,7 +225,8 @@ def shown_cli(args: list[str]) -> str:
     import shlex
     names = {DEMO_PAIR.clean: "$CLEAN", DEMO_PAIR.corrupted: "$CORRUPTED", LONG: "'Mango Mango ... (70 words)'"}
     names.update({t: shlex.quote(t) for t in TINY_PAIR})
-    return "python -m explorer " + " ".join(names.get(a, shlex.quote(a).replace("|", "\\|")) for a in args)
+    return "python -m explorer " + " ".join(names.get(a, shlex.quote(a).replace("|", "\\|")) for a in args
+                                            ).replace("{tmp}", "…")
 
 
 def table() -> str:
