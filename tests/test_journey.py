@@ -333,9 +333,17 @@ def test_attribution_sends_its_top_heads_to_ablation(page):
 
 
 def rendered(page) -> dict:
-    """What a view shows, as text: metrics, every chart mark's values, the sidebar's LDs."""
+    """What a view shows, as text: metrics, every chart mark's values, the sidebar's LDs. Charts draw
+    after the run ends, so the marks are read once their number has stopped changing."""
+    marks = page.locator(".vega-embed path[aria-label]")
+    counts = [-1]
+    for _ in range(240):
+        counts.append(marks.count())
+        if counts[-1] > 0 and counts[-1] == counts[-2] == counts[-3 if len(counts) > 2 else -2]:
+            break
+        page.wait_for_timeout(250)
     return {"metrics": page.get_by_test_id("stMetricValue").all_inner_texts(),
-            "marks": [m.get_attribute("aria-label") for m in page.locator(".vega-embed path[aria-label]").all()],
+            "marks": [m.get_attribute("aria-label") for m in marks.all()],
             "lds": sidebar_lds(page)}
 
 
