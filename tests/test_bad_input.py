@@ -36,6 +36,12 @@ class Case:
     fix: dict = field(default_factory=dict)   # the next valid input: {widget key: value}
 
 
+def model_case(id: str, what: str, folder: str, message: str) -> Case:
+    """A model the CLI names with --model and a person types under Model > other in the sidebar."""
+    return Case(id, what, ["baseline", "--model", folder, *PAIR], message,
+                {"set": {"w.model_choice": "other", "w.model_path": folder}}, {"w.model_choice": "demo"})
+
+
 CATALOGUE = [
     Case("empty-prompt", "empty clean prompt", ["baseline", *with_pair(clean="")], "clean prompt is empty",
          {"set": {"w.clean": ""}}, {"w.clean": DEMO_PAIR.clean}),
@@ -87,24 +93,12 @@ CATALOGUE = [
          {"w.ablation.targets": "mlp1"}),
     Case("unknown-method", "an ablation method that does not exist",
          ["ablate", *PAIR, "--targets", "L1H0", "--method", "shuffle"], "invalid choice"),
-    Case("unknown-model", "a model folder that does not exist", ["baseline", "--model", "/no/such/model", *PAIR],
-         "does not exist", {"set": {"w.model_choice": "other", "w.model_path": "/no/such/model"}},
-         {"w.model_choice": "demo"}),
-    Case("no-config", "a folder without config.json", ["baseline", "--model", "{tmp}/empty", *PAIR],
-         "no config.json", {"set": {"w.model_choice": "other", "w.model_path": "{tmp}/empty"}},
-         {"w.model_choice": "demo"}),
-    Case("no-weights", "a model folder without weight files", ["baseline", "--model", "{tmp}/noweights", *PAIR],
-         "weights", {"set": {"w.model_choice": "other", "w.model_path": "{tmp}/noweights"}},
-         {"w.model_choice": "demo"}),
-    Case("weights-mismatch", "weights that do not match the config", ["baseline", "--model", "{tmp}/mismatch", *PAIR],
-         "do not match", {"set": {"w.model_choice": "other", "w.model_path": "{tmp}/mismatch"}},
-         {"w.model_choice": "demo"}),
-    Case("remote-code", "a model that needs trust_remote_code", ["baseline", "--model", "{tmp}/remote", *PAIR],
-         "trust_remote_code", {"set": {"w.model_choice": "other", "w.model_path": "{tmp}/remote"}},
-         {"w.model_choice": "demo"}),
-    Case("unknown-family", "an architecture with no adapter", ["baseline", "--model", "{tmp}/bert", *PAIR],
-         "not supported yet", {"set": {"w.model_choice": "other", "w.model_path": "{tmp}/bert"}},
-         {"w.model_choice": "demo"}),
+    model_case("unknown-model", "a model folder that does not exist", "/no/such/model", "does not exist"),
+    model_case("no-config", "a folder without config.json", "{tmp}/empty", "no config.json"),
+    model_case("no-weights", "a model folder without weight files", "{tmp}/noweights", "weights"),
+    model_case("weights-mismatch", "weights that do not match the config", "{tmp}/mismatch", "do not match"),
+    model_case("remote-code", "a model that needs trust_remote_code", "{tmp}/remote", "trust_remote_code"),
+    model_case("unknown-family", "an architecture with no adapter", "{tmp}/bert", "not supported yet"),
     Case("linear-attention-head", "a head slot in a linear-attention (Gated DeltaNet) layer where a pattern is "
          "needed", ["patch", "--model", "{tmp}/hybrid", *TINY_PAIR, "--receiver", "1.1.q"],
          "needs a softmax attention layer"),

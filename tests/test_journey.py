@@ -193,9 +193,9 @@ def test_reload_back_forward_and_a_shared_link(page, browser):
     other.context.close()
 
 
-def test_model_switch_mid_walk(page):
-    """demo -> smollm2 -> demo from the sidebar of analysis pages: the demo pair does not fit
-    SmolLM2's tokenizer, so its default pair is loaded and the page says so; no exception."""
+@pytest.fixture(scope="module")
+def smollm2_ready(app_url):
+    """SmolLM2 prepared in the cache the app reads (required in CI, skipped elsewhere if it cannot be)."""
     from explorer import smollm2
     from explorer.errors import ExplorerInputError
     try:
@@ -204,6 +204,11 @@ def test_model_switch_mid_walk(page):
         if os.environ.get("CI"):
             raise
         pytest.skip(f"SmolLM2 could not be prepared here: {exc}")
+
+
+def test_model_switch_mid_walk(page, smollm2_ready):
+    """demo -> smollm2 -> demo from the sidebar of analysis pages: the demo pair does not fit
+    SmolLM2's tokenizer, so its default pair is loaded and the page says so; no exception."""
     from explorer.ui.state import SMOLLM2_PAIR
     open_page(page, "Logit lens")
     choose(page, "Model", "smollm2")
@@ -347,22 +352,15 @@ def rendered(page) -> dict:
             "lds": sidebar_lds(page)}
 
 
-def test_eight_sessions_on_two_models_at_once_equal_serial_runs(browser, app_url):
+def test_eight_sessions_on_two_models_at_once_equal_serial_runs(browser, app_url, smollm2_ready):
     """Eight visitors at the same moment (patching, ablation, DLA, attribution on demo and on
     SmolLM2): no exception, and each shows exactly what the same view shows when run alone."""
     import psutil
 
-    from explorer import smollm2
-    from explorer.errors import ExplorerInputError
+    from urllib.parse import urlencode
+
     from explorer.ui.state import SMOLLM2_PAIR
     from tests.browser import SERVER_PIDS
-    from urllib.parse import urlencode
-    try:
-        smollm2.prepare()
-    except ExplorerInputError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"SmolLM2 could not be prepared here: {exc}")
     views = [(path, {"model": model, **pair.to_dict(), **settings})
              for model, pair in (("demo", DEMO_PAIR), ("smollm2", SMOLLM2_PAIR))
              for path, settings in (("Patching", {"patching.site": "attn_out"}),
