@@ -264,3 +264,18 @@ def test_a_model_switch_replaces_a_pair_that_does_not_fit_the_new_tokenizer(demo
     assert at.text_area(key="w.clean").value == DEMO_PAIR.clean
     ref = baseline(demo_model, DEMO_PAIR)
     assert sidebar_lds(at) == pytest.approx((ref.ld_clean, ref.ld_corrupted), abs=2e-3)
+
+
+def test_tampered_page_settings_in_a_url_fall_back_to_defaults(demo_model):
+    """Values a page does not offer (an unknown site, a layer or head out of range, a query position
+    past the prompt) are ignored: the page opens on its defaults, with no error."""
+    at = page("pages/1_Patching.py", site="resid_evil", positions="sideways", layer="99", direction="<script>")
+    assert not at.exception and not at.error
+    assert at.selectbox(key="w.patching.site").value == "resid_post"
+    assert at.selectbox(key="w.patching.layer").value == "—"
+    at = page("pages/4_DLA.py", layer="-3", head="1000", run="both")
+    assert not at.exception and not at.error
+    assert at.number_input(key="w.dla.layer").value == demo_model.arch.n_layers - 1
+    assert at.number_input(key="w.dla.head").value == 0
+    at = page("pages/6_Attention.py", pos="4000")
+    assert not at.exception and not at.error
