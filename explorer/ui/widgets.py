@@ -209,14 +209,18 @@ def _unfit_pairs(model_id: str, path: str, _tokenizer) -> int:
 def prompt_set_choices(lm) -> list[str]:
     """Bundled set names, the current model's own sets first and sets whose pairs do not fit its
     tokenizer last; a caption under the picker names the latter (call `unfit_sets_caption`)."""
-    paths = bundled_prompt_sets()
     prefix = Path(lm.model_id).name.split("-")[0].lower() + "_"
-    unfit = {p.name: _unfit_pairs(lm.model_id, str(p), lm.tokenizer) for p in paths}
+    unfit = unfit_by_set(lm)
     return sorted(unfit, key=lambda n: (unfit[n] > 0, not n.startswith(prefix), n))
 
 
+def unfit_by_set(lm) -> dict[str, int]:
+    """Bundled set name -> how many of its pairs do not fit this model's tokenizer."""
+    return {p.name: _unfit_pairs(lm.model_id, str(p), lm.tokenizer) for p in bundled_prompt_sets()}
+
+
 def unfit_sets_caption(lm, container=st) -> None:
-    unfit = {p.name: _unfit_pairs(lm.model_id, str(p), lm.tokenizer) for p in bundled_prompt_sets()}
+    unfit = unfit_by_set(lm)
     listed = ", ".join(f"{name} ({n})" for name, n in unfit.items() if n)
     if listed:
         container.caption(f"Pairs that do not fit this model's tokenizer (skipped when a set runs): {listed}.")
