@@ -1,9 +1,9 @@
 """Circuit Explorer home: pick a model, edit the prompt pair, see the baseline."""
 import streamlit as st
 
-from explorer.errors import ExplorerInputError
-from explorer.metrics import LD_FORMULA
-from explorer.ui import state, widgets
+from explorer.core.errors import ExplorerInputError
+from explorer.core.metrics import LD_FORMULA
+from explorer.surfaces.ui import state, widgets
 
 
 def home(lm, _tp) -> None:
@@ -39,7 +39,7 @@ def home(lm, _tp) -> None:
     widgets.pair_editor()
 
     try:
-        from explorer.baseline import baseline
+        from explorer.analyses.baseline import baseline
         tp = state.current_tokenized_pair(lm)
         with st.spinner("Running both prompts ..."):
             base = baseline(lm, tp)

@@ -26,10 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from explorer import cache, engine, patching, scheduler  # noqa: E402
-from explorer.baseline import pair_lds  # noqa: E402
-from explorer.models import load_model  # noqa: E402
-from explorer.prompts import PromptPair, tokenize_pair  # noqa: E402
+from explorer.core import cache, engine, scheduler
+
+from explorer.analyses import patching  # noqa: E402
+from explorer.analyses.baseline import pair_lds  # noqa: E402
+from explorer.sources.models import load_model  # noqa: E402
+from explorer.core.prompts import PromptPair, tokenize_pair  # noqa: E402
 
 IOI = PromptPair("When Mary and John went to the store, John gave a drink to",
                  "When Mary and John went to the store, Mary gave a drink to", " Mary", " John")
@@ -56,10 +58,10 @@ def random_model(name: str, device: str, dtype: str, threads: int):
     tokenizer t0..tN, wrapped like load_model's models."""
     from nnsight.modeling.transformers import TransformersModel
     from transformers import AutoModelForCausalLM
-    from explorer.adapters import architecture_for
-    from explorer.models import LoadedModel
-    from explorer.runtime import configure_threads, pick_device, pick_dtype
-    from explorer.tiny import word_level_tokenizer
+    from explorer.core.adapters import architecture_for
+    from explorer.sources.models import LoadedModel
+    from explorer.core.runtime import configure_threads, pick_device, pick_dtype
+    from explorer.sources.tiny import word_level_tokenizer
     configure_threads(threads)
     device = pick_device(device)
     config = random_shapes()[name]
@@ -75,7 +77,7 @@ def random_model(name: str, device: str, dtype: str, threads: int):
 
 def pair_for(name: str, lm):
     if name == "demo":
-        from explorer.ui.state import DEMO_PAIR
+        from explorer.surfaces.ui.state import DEMO_PAIR
         return tokenize_pair(lm.tokenizer, DEMO_PAIR)
     if name == "smollm2":
         return tokenize_pair(lm.tokenizer, IOI)
@@ -225,7 +227,7 @@ def main(argv=None):
                   f"a/c* {t_a / t_f:5.1f}x  d/c* {t_d / t_f:4.2f}x  max|c-a| {r['err_c']:.1e}  max|c*-a| {r['err_f']:.1e}  "
                   f"max|b-a| {err_b:.1e}", flush=True)
     print()
-    from explorer.calibration import pass_costs
+    from explorer.core.calibration import pass_costs
     print(f"threads={args.threads}, torch {torch.__version__}, device {lm.device}, dtype {args.dtype}, "
           f"pass costs of the last model: {pass_costs(lm)}")
     print("| model | sweep | patches | (a) one trace/patch | (b) TransformerLens | (c) this engine | (c*) every patch in full | "

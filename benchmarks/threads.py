@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from explorer import engine  # noqa: E402
-from explorer.models import load_model  # noqa: E402
+from explorer.core import engine  # noqa: E402
+from explorer.sources.models import load_model  # noqa: E402
 
 
 def burn(stop):

@@ -18,14 +18,14 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from explorer.attention import attention_from  # noqa: E402
-from explorer.dataset import pair_baselines  # noqa: E402
-from explorer.dla import dla, head_token_table  # noqa: E402
-from explorer.models import load_model  # noqa: E402
-from explorer.patching import head_sweep  # noqa: E402
-from explorer.paths import path_patch  # noqa: E402
-from explorer.prompts import load_prompt_set, tokenize_pair  # noqa: E402
-from explorer.report import markdown_table as md  # noqa: E402
+from explorer.analyses.attention import attention_from  # noqa: E402
+from explorer.analyses.dataset import pair_baselines  # noqa: E402
+from explorer.analyses.dla import dla, head_token_table  # noqa: E402
+from explorer.sources.models import load_model  # noqa: E402
+from explorer.analyses.patching import head_sweep  # noqa: E402
+from explorer.analyses.paths import path_patch  # noqa: E402
+from explorer.core.prompts import load_prompt_set, tokenize_pair  # noqa: E402
+from explorer.surfaces.report import markdown_table as md  # noqa: E402
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
 import sys
 
-from explorer.cli import main
+from explorer.surfaces.cli import main
 
 sys.exit(main())

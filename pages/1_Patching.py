@@ -3,11 +3,11 @@ import time
 
 import streamlit as st
 
-from explorer.errors import ExplorerInputError
-from explorer.patching import (head_set_patch, head_sweep, linear_heads_note, parse_heads, patch_sweep,
+from explorer.core.errors import ExplorerInputError
+from explorer.analyses.patching import (head_set_patch, head_sweep, linear_heads_note, parse_heads, patch_sweep,
                                sweep_over_pairs)
-from explorer.prompts import check_for_tokenizer, load_prompt_set
-from explorer.ui import charts, state, widgets
+from explorer.core.prompts import check_for_tokenizer, load_prompt_set
+from explorer.surfaces.ui import charts, state, widgets
 
 SITES = ["resid_post", "resid_pre", "attn_out", "mlp_out", "head_out"]
 NO_LAYER = "—"
@@ -186,7 +186,7 @@ def head_set(lm, tp, direction, metric) -> None:
 
 def path_patching(lm, tp) -> None:
     """Senders routed only through one receiver."""
-    from explorer.paths import parse_receiver, path_patch
+    from explorer.analyses.paths import parse_receiver, path_patch
 
     st.subheader("Path patching: which heads feed a receiver")
     st.caption("Each sender head's output is set to its clean value; only its direct write into the receiver is "

@@ -4,11 +4,11 @@ import json
 import altair as alt
 import streamlit as st
 
-from explorer.ablation import METHODS, Reference, Thresholds, ablate_pair, ablate_set, parse_targets
-from explorer.errors import ExplorerInputError
-from explorer.metrics import RELATIVE_DROP_FORMULA, SHIFT_FORMULA
-from explorer.prompts import check_for_tokenizer, load_prompt_set
-from explorer.ui import state, widgets
+from explorer.analyses.ablation import METHODS, Reference, Thresholds, ablate_pair, ablate_set, parse_targets
+from explorer.core.errors import ExplorerInputError
+from explorer.core.metrics import RELATIVE_DROP_FORMULA, SHIFT_FORMULA
+from explorer.core.prompts import check_for_tokenizer, load_prompt_set
+from explorer.surfaces.ui import state, widgets
 
 POSITION_MODES = ["all", "last", "chosen"]
 THRESHOLDS = (("min_mean_drop", "Min mean drop (logits)", 1.0), ("min_relative_drop", "Min relative drop", 0.2),

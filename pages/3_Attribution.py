@@ -2,9 +2,9 @@
 import altair as alt
 import streamlit as st
 
-from explorer.attribution import ATTR_SITES, attribution_patching, compare_with_exact, spearman
-from explorer.errors import ExplorerInputError
-from explorer.ui import charts, state, widgets
+from explorer.analyses.attribution import ATTR_SITES, attribution_patching, compare_with_exact, spearman
+from explorer.core.errors import ExplorerInputError
+from explorer.surfaces.ui import charts, state, widgets
 
 
 def main(lm, tp) -> None:

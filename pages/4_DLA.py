@@ -2,9 +2,9 @@
 import altair as alt
 import streamlit as st
 
-from explorer.dla import dla, head_token_table, head_top_tokens
-from explorer.errors import ExplorerInputError
-from explorer.ui import charts, state, widgets
+from explorer.analyses.dla import dla, head_token_table, head_top_tokens
+from explorer.core.errors import ExplorerInputError
+from explorer.surfaces.ui import charts, state, widgets
 
 
 def main(lm, tp) -> None:

@@ -1,8 +1,8 @@
 """Logit lens: LD and top tokens per layer, both runs."""
 import streamlit as st
 
-from explorer.lens import logit_lens
-from explorer.ui import charts, widgets
+from explorer.analyses.lens import logit_lens
+from explorer.surfaces.ui import charts, widgets
 
 
 def main(lm, tp) -> None:

@@ -2,10 +2,10 @@
 import altair as alt
 import streamlit as st
 
-from explorer.attention import attention_from
-from explorer.errors import ExplorerInputError
-from explorer.patching import parse_heads
-from explorer.ui import state, widgets
+from explorer.analyses.attention import attention_from
+from explorer.core.errors import ExplorerInputError
+from explorer.analyses.patching import parse_heads
+from explorer.surfaces.ui import state, widgets
 
 
 def main(lm, tp) -> None:

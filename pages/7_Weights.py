@@ -1,9 +1,9 @@
 """A head's OV circuit through the unembedding and QK circuit through the embedding."""
 import streamlit as st
 
-from explorer.errors import ExplorerInputError
-from explorer.ui import charts, state, widgets
-from explorer.weights import ov_circuit, ov_token_matrix, qk_circuit
+from explorer.core.errors import ExplorerInputError
+from explorer.surfaces.ui import charts, state, widgets
+from explorer.analyses.weights import ov_circuit, ov_token_matrix, qk_circuit
 
 
 def main(lm, _tp) -> None:

@@ -52,7 +52,7 @@ fp32_only = pytest.mark.skipif(HALF, reason=f"checks numbers to float32 precisio
 
 def load_test_model(path: str, **kwargs):
     """load_model on the test device in the test dtype (keywords override them)."""
-    from explorer.models import load_model
+    from explorer.sources.models import load_model
     return load_model(path, **{"device": TEST_DEVICE, "dtype": TEST_DTYPE, **kwargs})
 
 
@@ -63,7 +63,7 @@ def cli_model_args() -> list[str]:
 
 def model_ids(lm, ids) -> torch.Tensor:
     """Token ids [batch, pos] (a flat list: one row) on the model's device, for plain-torch references."""
-    from explorer.runtime import to_model
+    from explorer.core.runtime import to_model
     rows = [list(ids)] if not isinstance(ids[0], (list, tuple)) else [list(r) for r in ids]
     return to_model(lm, torch.tensor(rows))
 
@@ -87,7 +87,7 @@ def _device_guard():
 @pytest.fixture(autouse=True)
 def _guard_late_imports(_device_guard):
     if device_guard.ACTIVE:
-        device_guard.watch_modules()  # test modules and explorer.ui imported since the session began
+        device_guard.watch_modules()  # test modules and explorer.surfaces.ui imported since the session began
 
 
 _MODELS = {}
@@ -96,7 +96,7 @@ _MODELS = {}
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(family) -> LoadedModel for a random model saved and reloaded from disk."""
-    from explorer.tiny import build_tiny_model
+    from explorer.sources.tiny import build_tiny_model
 
     def get(family: str):
         if family not in _MODELS:

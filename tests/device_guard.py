@@ -2,8 +2,8 @@
 
 Every tensor counts as living on the model's device except "host" tensors, which carry a mark:
 those that library or test code makes with a tensor factory or copies with `.cpu()`/`.to(device)`
-(including `explorer.runtime.to_host`), and whatever is computed from host tensors alone.
-`explorer.runtime.to_model` removes the mark, as do torch and transformers when they move an
+(including `explorer.core.runtime.to_host`), and whatever is computed from host tensors alone.
+`explorer.core.runtime.to_model` removes the mark, as do torch and transformers when they move an
 input to the device they compute on. An op that mixes a host tensor with a tensor on the model's
 side raises DeviceGuardError as CUDA would (0-dim host scalars and host index tensors are allowed,
 as on CUDA); so do a tensor factory called from explorer/ without `device=`, and `.numpy()` of a
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = str(ROOT / "explorer") + os.sep
 TESTS = str(ROOT / "tests") + os.sep
 # Trains the demo model on the CPU by design (fixed weights); it never sees a user's device.
-EXEMPT = (str(ROOT / "explorer" / "demo" / "train.py"),)
+EXEMPT = (str(ROOT / "explorer" / "sources" / "demo" / "train.py"),)
 _SKIPPED = (os.path.dirname(torch.__file__) + os.sep, __file__)
 
 FACTORIES = ("tensor", "as_tensor", "asarray", "zeros", "ones", "full", "empty", "empty_strided", "arange",
@@ -64,7 +64,7 @@ def _origin(frame) -> str | None:
 
 
 def _is_to_model(frame) -> bool:
-    from explorer import runtime
+    from explorer.core import runtime
     return frame is not None and frame.f_code is runtime.to_model.__code__
 
 
@@ -139,7 +139,7 @@ def _check(func, args, kwargs) -> None:
 def _raise(func, what: str):
     raise DeviceGuardError(
         f"Expected all tensors to be on the same device (device guard): {_name(func)} at {_where(_caller())} "
-        f"{what}. Move it with explorer.runtime.to_model (or to_host for results).")
+        f"{what}. Move it with explorer.core.runtime.to_model (or to_host for results).")
 
 
 def _guard_factory(name: str, original, origin: str):
@@ -150,7 +150,7 @@ def _guard_factory(name: str, original, origin: str):
         if origin == "library" and kwargs.get("device") is None:
             raise DeviceGuardError(
                 f"torch.{name}() without device= at {_where(frame)}: on a GPU this tensor would sit on the CPU while "
-                "the model does not. Build it with device=explorer.runtime.HOST and move it with to_model, or "
+                "the model does not. Build it with device=explorer.core.runtime.HOST and move it with to_model, or "
                 "build it like an existing tensor (torch.*_like, .new_*).")
         return mark_host(original(*args, **kwargs))  # on a real machine too these are CPU tensors
     return factory
@@ -192,7 +192,7 @@ def _guard_numpy(name: str, original):
             if _origin(frame):
                 raise DeviceGuardError(
                     f"{name} at {_where(frame)} reads a tensor on the model's device: on a GPU this raises. "
-                    "Copy it with explorer.runtime.to_host first.")
+                    "Copy it with explorer.core.runtime.to_host first.")
         return original(self, *args, **kwargs)
     return to_numpy
 
@@ -222,7 +222,7 @@ def _install() -> None:
         setattr(owner, name, wrapped)
     import explorer  # every library module now, so that none escapes by being imported later
     for info in pkgutil.walk_packages(explorer.__path__, "explorer."):
-        if not info.name.startswith(("explorer.ui", "explorer.__main__")):  # ui imports streamlit
+        if not info.name.startswith(("explorer.surfaces.ui", "explorer.__main__")):  # ui imports streamlit
             importlib.import_module(info.name)
     watch_modules()
 

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.ablation import Reference, Target, ablate_pair, ablate_set, ablated_lds, bootstrap_ci, parse_targets
-from explorer.errors import ExplorerInputError
-from explorer.prompts import PromptPair, tokenize_pair
-from explorer.runtime import to_host
+from explorer.analyses.ablation import Reference, Target, ablate_pair, ablate_set, ablated_lds, bootstrap_ci, parse_targets
+from explorer.core.errors import ExplorerInputError
+from explorer.core.prompts import PromptPair, tokenize_pair
+from explorer.core.runtime import to_host
 from tests.conftest import model_ids, tol
 
 PAIR = PromptPair("w3 w7 w11 w5 w9 w2", "w3 w8 w11 w5 w9 w2", "w4", "w6")
@@ -112,8 +112,8 @@ def test_parse_targets(tiny_model):
 
 
 def test_prompt_set_statistics(demo_model):
-    from explorer.prompts import load_prompt_set
-    from explorer.runtime import REPO_ROOT
+    from explorer.core.prompts import load_prompt_set
+    from explorer.core.runtime import REPO_ROOT
     ps = load_prompt_set(REPO_ROOT / "prompts" / "demo_ioi.jsonl")
     pairs = ps.by_category("headline")[:24] + ps.by_category("control")[:10]
     targets = parse_targets("attn1", demo_model.arch)

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from explorer import engine
-from explorer.adapters import LINEAR, SOFTMAX, architecture_for
-from explorer.errors import ExplorerInputError
-from explorer.runtime import to_host
-from explorer.tiny import ZOO_FAMILIES
+from explorer.core import engine
+from explorer.core.adapters import LINEAR, SOFTMAX, architecture_for
+from explorer.core.errors import ExplorerInputError
+from explorer.core.runtime import to_host
+from explorer.sources.tiny import ZOO_FAMILIES
 from tests.conftest import model_ids, tol
 
 IDS = torch.tensor([[3, 7, 11, 5, 9, 2], [4, 8, 12, 6, 10, 2]])

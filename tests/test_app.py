@@ -2,9 +2,9 @@
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from explorer.baseline import baseline
-from explorer.runtime import REPO_ROOT
-from explorer.ui.state import DEMO_PAIR, GLOBAL_KEYS
+from explorer.analyses.baseline import baseline
+from explorer.core.runtime import REPO_ROOT
+from explorer.surfaces.ui.state import DEMO_PAIR, GLOBAL_KEYS
 from tests.conftest import TEST_DEVICE, TEST_DTYPE
 
 TIMEOUT = 240
@@ -117,8 +117,8 @@ def test_patching_page_and_drill_down(demo_model):
 
 
 def test_patching_page_over_a_prompt_set(demo_model):
-    from explorer.patching import sweep_over_pairs
-    from explorer.prompts import load_prompt_set
+    from explorer.analyses.patching import sweep_over_pairs
+    from explorer.core.prompts import load_prompt_set
     at = page("pages/1_Patching.py", site="head_out", positions="all")
     at.selectbox(key="w.patching.set_positions").set_value("all")
     form_set = [s for s in at.selectbox if s.label == "Prompt set"][0]
@@ -135,8 +135,8 @@ def test_patching_page_over_a_prompt_set(demo_model):
 
 
 def test_patching_page_path_patching(demo_model):
-    from explorer.paths import path_patch
-    from explorer.prompts import tokenize_pair
+    from explorer.analyses.paths import path_patch
+    from explorer.core.prompts import tokenize_pair
     at = page("pages/1_Patching.py", receiver="3.1.q")
     assert not at.exception and not at.error
     res = path_patch(demo_model, tokenize_pair(demo_model.tokenizer, DEMO_PAIR), (3, 1, "q"))
@@ -171,8 +171,8 @@ def test_analysis_pages_render(demo_model, name, query):
 
 
 def test_ablation_page_shows_both_runs_against_own_baselines(demo_model):
-    from explorer.ablation import ablate_pair, parse_targets
-    from explorer.prompts import tokenize_pair
+    from explorer.analyses.ablation import ablate_pair, parse_targets
+    from explorer.core.prompts import tokenize_pair
     at = page("pages/2_Ablation.py", targets="L1 attn", method="zero")
     text = " ".join(m.value for m in at.markdown)
     res = ablate_pair(demo_model, tokenize_pair(demo_model.tokenizer, DEMO_PAIR), parse_targets("L1 attn", demo_model.arch))
@@ -209,7 +209,7 @@ def sidebar_lds(at) -> tuple[float, float]:
 def test_one_session_through_every_page_with_edits(demo_model):
     """The quick form of the browser journey: one AppTest session switches through all pages,
     edits the pair on Home and in another page's sidebar, changes page settings, and comes back."""
-    from explorer.prompts import PromptPair
+    from explorer.core.prompts import PromptPair
     pages = list(PAGE_NAMES)
     at = page("app.py")
     at.text_input(key="w.corrupted_answer").set_value("Grape").run()

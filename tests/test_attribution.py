@@ -2,19 +2,19 @@
 import pytest
 import torch
 
-from explorer import engine
-from explorer.attribution import attribution_patching, compare_with_exact, spearman
-from explorer.cache import get_activations
-from explorer.errors import ExplorerInputError
-from explorer.models import load_model
-from explorer.prompts import PromptPair, tokenize_pair
+from explorer.core import engine
+from explorer.analyses.attribution import attribution_patching, compare_with_exact, spearman
+from explorer.core.cache import get_activations
+from explorer.core.errors import ExplorerInputError
+from explorer.sources.models import load_model
+from explorer.core.prompts import PromptPair, tokenize_pair
 
 PAIR = PromptPair("w3 w7 w11 w5 w9 w2", "w3 w8 w11 w5 w9 w2", "w4", "w6")
 
 
 @pytest.fixture(scope="module")
 def llama64(tmp_path_factory):
-    from explorer.tiny import build_tiny_model
+    from explorer.sources.tiny import build_tiny_model
     # float64 is the CPU-only checking dtype: this model stays on the CPU whatever the test device.
     return load_model(str(build_tiny_model("llama", tmp_path_factory.mktemp("l64"), seed=3)), device="cpu",
                       dtype="float64")
@@ -61,7 +61,7 @@ def test_estimate_equals_first_order_effect(llama64):
 
 
 def test_scatter_against_exact(demo_model):
-    from explorer.ui.state import DEMO_PAIR
+    from explorer.surfaces.ui.state import DEMO_PAIR
     tp = tokenize_pair(demo_model.tokenizer, DEMO_PAIR)
     res = attribution_patching(demo_model, tp)
     merged = compare_with_exact(demo_model, tp, res, "mlp_out")

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from explorer.runtime import REPO_ROOT
-from explorer.ui.state import DEMO_PAIR
+from explorer.core.runtime import REPO_ROOT
+from explorer.surfaces.ui.state import DEMO_PAIR
 
 PAIR = ["--clean", DEMO_PAIR.clean, "--corrupted", DEMO_PAIR.corrupted,
         "--clean-answer", DEMO_PAIR.clean_answer, "--corrupted-answer", DEMO_PAIR.corrupted_answer]
 LONG = " ".join(["Mango"] * 70)
-# A pair in the tiny random models' vocabulary (explorer/tiny.py).
+# A pair in the tiny random models' vocabulary (explorer/sources/tiny.py).
 TINY_PAIR = ["--clean", "w1 w2 w3 w4", "--corrupted", "w1 w5 w3 w4", "--clean-answer", "w6", "--corrupted-answer", "w7"]
 
 
@@ -124,8 +124,8 @@ def make_case_dir(root):
     """Folders and files the cases name: broken model folders and broken prompt sets."""
     from safetensors.torch import load_file, save_file
 
-    from explorer.prompts import MAX_PROMPT_SET_BYTES
-    from explorer.tiny import build_tiny_model
+    from explorer.core.prompts import MAX_PROMPT_SET_BYTES
+    from explorer.sources.tiny import build_tiny_model
     (root / "empty").mkdir()
     good = build_tiny_model("llama", root / "good")
     shutil.copytree(good, root / "noweights")
@@ -168,7 +168,7 @@ def fill(values, root) -> object:
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c.id for c in CATALOGUE])
 def test_cli_gives_one_line_and_status_2(case, case_dir, capsys):
-    from explorer.cli import main
+    from explorer.surfaces.cli import main
     assert main(fill(case.cli, case_dir)) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
@@ -230,7 +230,7 @@ def table() -> str:
     import tempfile
     from pathlib import Path
 
-    from explorer.cli import main
+    from explorer.surfaces.cli import main
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = make_case_dir(Path(tmp))

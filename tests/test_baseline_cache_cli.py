@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from explorer import cache
-from explorer.baseline import baseline
-from explorer.prompts import PromptPair, tokenize_pair
-from explorer.runtime import REPO_ROOT
+from explorer.core import cache
+from explorer.analyses.baseline import baseline
+from explorer.core.prompts import PromptPair, tokenize_pair
+from explorer.core.runtime import REPO_ROOT
 from tests.conftest import HALF, cli_model_args, tol
 from tests.device_guard import paused
 
@@ -25,7 +25,7 @@ def plain_transformers_ld(folder, pair):
 
 def _plain_transformers_ld(folder, pair):
     from transformers import AutoModelForCausalLM
-    from explorer.models import load_tokenizer
+    from explorer.sources.models import load_tokenizer
     tok = load_tokenizer(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     a, b = tok.convert_tokens_to_ids(pair.clean_answer), tok.convert_tokens_to_ids(pair.corrupted_answer)
@@ -43,7 +43,7 @@ def run_cli(*args):
 
 
 def test_cli_baseline_json_equals_plain_transformers():
-    from explorer.models import DEMO_MODEL_DIR
+    from explorer.sources.models import DEMO_MODEL_DIR
     proc = run_cli("baseline", "--model", "demo", "--clean", DEMO_PAIR.clean, "--corrupted", DEMO_PAIR.corrupted,
                    "--clean-answer", "Anna", "--corrupted-answer", "Tom", "--json", *cli_model_args())
     assert proc.returncode == 0, proc.stderr
@@ -79,7 +79,7 @@ def test_baseline_probabilities(demo_model):
     ([], "Give a command"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args, message, capsys):
-    from explorer.cli import main
+    from explorer.surfaces.cli import main
     assert main(args) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -102,9 +102,9 @@ def test_cli_patch_json_records():
 
 
 def test_cli_patch_over_a_prompt_set(demo_model, capsys):
-    from explorer.cli import main
-    from explorer.patching import sweep_over_pairs
-    from explorer.prompts import load_prompt_set
+    from explorer.surfaces.cli import main
+    from explorer.analyses.patching import sweep_over_pairs
+    from explorer.core.prompts import load_prompt_set
     path = REPO_ROOT / "prompts" / "demo_factual_recall.jsonl"
     assert main(["patch", "--prompts", str(path), "--max-pairs", "3", "--site", "resid_post", "--positions", "last",
                  "--direction", "noise", "--json", *cli_model_args()]) == 0
@@ -141,7 +141,7 @@ def _pair_args():
 
 
 def test_cli_analysis_commands(capsys, tmp_path):
-    from explorer.cli import main
+    from explorer.surfaces.cli import main
     assert main(["dla", *_pair_args()]) == 0
     out = json.loads(capsys.readouterr().out)
     assert abs(out["error"]) < (tol("check") if HALF else 1e-4 * abs(out["ld_true"]))
@@ -164,7 +164,7 @@ def test_cli_analysis_commands(capsys, tmp_path):
 
 
 def test_cli_run_reports_malformed_file(tmp_path, capsys):
-    from explorer.cli import main
+    from explorer.surfaces.cli import main
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{broken\n")
     assert main(["run", "--prompts", str(bad), "--targets", "L1 attn"]) == 2

@@ -4,12 +4,12 @@ import pandas as pd
 import pytest
 import torch
 
-from explorer import budget, engine, scheduler
-from explorer.ablation import ablate_set, parse_targets
-from explorer.attribution import attribution_patching
-from explorer.errors import ExplorerInputError
-from explorer.patching import LAST, Cell
-from explorer.prompts import PromptPair, tokenize_pair
+from explorer.core import budget, engine, scheduler
+from explorer.analyses.ablation import ablate_set, parse_targets
+from explorer.analyses.attribution import attribution_patching
+from explorer.core.errors import ExplorerInputError
+from explorer.analyses.patching import LAST, Cell
+from explorer.core.prompts import PromptPair, tokenize_pair
 from tests.conftest import tol
 
 PAIR = PromptPair("w3 w7 w11 w5 w9 w2", "w3 w8 w11 w5 w9 w2", "w4", "w6")

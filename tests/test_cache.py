@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from explorer import cache
-from explorer.prompts import PromptPair, tokenize_pair
+from explorer.core import cache
+from explorer.core.prompts import PromptPair, tokenize_pair
 from tests.conftest import ROOT
 
 IDS = [3, 10, 20, 30, 7]
@@ -92,7 +92,7 @@ def test_damaged_activation_entry_is_discarded_and_recomputed(fresh_cache, tiny_
     DAMAGE[damage](path)
 
     before = lm.forward_calls
-    with caplog.at_level(logging.WARNING, logger="explorer.cache"):
+    with caplog.at_level(logging.WARNING, logger="explorer.core.cache"):
         logits, acts = cache.get_activations(lm, IDS, READS)
     assert lm.forward_calls == before + 1, "a damaged entry must be recomputed, not read"
     assert any("Discarded cache entry" in r.getMessage() and path.name in r.getMessage() for r in caplog.records)
@@ -104,7 +104,7 @@ def test_damaged_activation_entry_is_discarded_and_recomputed(fresh_cache, tiny_
     # The damaged file was replaced by a valid entry that the next visit reads without a forward pass.
     cache.clear_memory()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="explorer.cache"):
+    with caplog.at_level(logging.WARNING, logger="explorer.core.cache"):
         again_logits, _ = cache.get_activations(lm, IDS, READS)
     assert lm.forward_calls == before + 1 and not caplog.records
     torch.testing.assert_close(again_logits, fresh_logits, rtol=0, atol=0)
@@ -112,7 +112,7 @@ def test_damaged_activation_entry_is_discarded_and_recomputed(fresh_cache, tiny_
 
 @pytest.mark.parametrize("damage", ["truncated", "data byte flipped", "garbage", "empty"])
 def test_damaged_result_entry_is_discarded_and_the_sweep_recomputed(fresh_cache, tiny_model, caplog, damage):
-    from explorer.patching import patch_sweep
+    from explorer.analyses.patching import patch_sweep
 
     lm = tiny_model("llama")
     tp = tokenize_pair(lm.tokenizer, PromptPair("w1 w2 w3 w4", "w1 w5 w3 w4", "w6", "w7"))
@@ -122,7 +122,7 @@ def test_damaged_result_entry_is_discarded_and_the_sweep_recomputed(fresh_cache,
     cache.clear_memory()
 
     before = lm.forward_calls
-    with caplog.at_level(logging.WARNING, logger="explorer.cache"):
+    with caplog.at_level(logging.WARNING, logger="explorer.core.cache"):
         again = patch_sweep(lm, tp, "resid_post", positions="each").frame
     assert lm.forward_calls > before
     assert any("Discarded cache entry" in r.getMessage() for r in caplog.records)
@@ -135,7 +135,7 @@ def test_unreadable_or_missing_entries(fresh_cache, caplog):
     assert not caplog.records
     folder = fresh_cache / "results"
     (folder / ("1" * 64 + ".safetensors")).mkdir(parents=True)  # a path that cannot be read as a file
-    with caplog.at_level(logging.WARNING, logger="explorer.cache"):
+    with caplog.at_level(logging.WARNING, logger="explorer.core.cache"):
         assert cache.load_result("1" * 64) is None
     assert any("unreadable" in r.getMessage() for r in caplog.records)
 
@@ -145,7 +145,7 @@ def test_failed_write_leaves_no_file_and_keeps_the_result(fresh_cache, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cache.os, "replace", fail_replace)
-    with caplog.at_level(logging.WARNING, logger="explorer.cache"):
+    with caplog.at_level(logging.WARNING, logger="explorer.core.cache"):
         cache.save_result("c" * 64, np.arange(4.0))
     monkeypatch.undo()
     assert list((fresh_cache / "results").iterdir()) == []  # the temporary file was removed too
@@ -179,7 +179,7 @@ def test_temporary_files_are_never_read_and_only_dead_writers_leftovers_are_remo
 WRITER = """
 import sys
 import numpy as np
-from explorer import cache
+from explorer.core import cache
 for i in range(10_000):
     cache.save_result(f"{i:064x}", np.random.default_rng(i).standard_normal(1_000_000))
     print(i, flush=True)
@@ -231,7 +231,7 @@ def test_killed_sweep_leaves_only_complete_entries(fresh_cache, caplog):
     assert len(entries) >= 4
     partial = leftovers[0].stat().st_size
     cache.clear_memory()
-    with caplog.at_level(logging.WARNING, logger="explorer.cache"):
+    with caplog.at_level(logging.WARNING, logger="explorer.core.cache"):
         for path in entries:
             np.testing.assert_array_equal(cache.load_result(path.stem), _expected(int(path.stem, 16)))
         # The key being written when the process died has no entry: absent, so it is computed again.

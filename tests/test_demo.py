@@ -5,12 +5,12 @@ import random
 
 import pytest
 
-from explorer.demo import tasks
-from explorer.demo.card import measure
-from explorer.demo.train import is_held_out, train
-from explorer.models import DEMO_MODEL_DIR
-from explorer.prompts import load_prompt_set, tokenize_pair
-from explorer.runtime import REPO_ROOT
+from explorer.sources.demo import tasks
+from explorer.surfaces.demo_card import measure
+from explorer.sources.demo.train import is_held_out, train
+from explorer.sources.models import DEMO_MODEL_DIR
+from explorer.core.prompts import load_prompt_set, tokenize_pair
+from explorer.core.runtime import REPO_ROOT
 from tests.conftest import fp32_only
 
 
@@ -53,8 +53,8 @@ def test_bundled_sets_are_held_out_and_well_formed(demo_model):
 
 def test_fresh_pairs_not_in_training_are_solved(demo_model):
     """Newly generated held-out pairs (a seed the bundled sets did not use)."""
-    from explorer.dataset import pair_baselines
-    from explorer.demo.prompt_sets import held_out_pairs
+    from explorer.analyses.dataset import pair_baselines
+    from explorer.sources.demo.prompt_sets import held_out_pairs
     for task in ("set_completion", "ioi", "induction"):
         pairs = held_out_pairs(task, 30, seed=12345)
         frame = pair_baselines(demo_model, pairs)
@@ -83,7 +83,7 @@ def test_set_completion_answer_is_the_uncounted_item():
 
 
 def test_training_is_deterministic(tmp_path):
-    """Same seed -> identical weights (a short run; the full run is `python -m explorer.demo.train`)."""
+    """Same seed -> identical weights (a short run; the full run is `python -m explorer.sources.demo.train`)."""
     h1 = train(tmp_path / "a", steps=8, batch=8, log_every=1000)
     h2 = train(tmp_path / "b", steps=8, batch=8, log_every=1000)
     assert h1 == h2

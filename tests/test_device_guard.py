@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from explorer import engine
-from explorer.cache import get_activations
-from explorer.dla import head_contributions
-from explorer.runtime import HOST, to_host, to_model
+from explorer.core import engine
+from explorer.core.cache import get_activations
+from explorer.analyses.dla import head_contributions
+from explorer.core.runtime import HOST, to_host, to_model
 from tests import device_guard
 from tests.conftest import GUARD, ROOT, model_ids
 from tests.device_guard import DeviceGuardError, guarded, is_host
@@ -14,14 +14,14 @@ from tests.device_guard import DeviceGuardError, guarded, is_host
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     """A CPU float32 model whatever the test device: the guard emulates the second device on the CPU."""
-    from explorer.models import load_model
-    from explorer.tiny import build_tiny_model
+    from explorer.sources.models import load_model
+    from explorer.sources.tiny import build_tiny_model
     return load_model(str(build_tiny_model("llama", tmp_path_factory.mktemp("guard"))), device="cpu")
 
 
 def library_function(source: str, name: str):
     """A function compiled as if it lived in explorer/, seeing the `torch` explorer's modules see."""
-    from explorer import runtime
+    from explorer.core import runtime
     scope = {"torch": runtime.torch, "HOST": HOST, "to_model": to_model, "to_host": to_host, "engine": engine}
     exec(compile(source, str(ROOT / "explorer" / "guard_probe.py"), "exec"), scope)
     return scope[name]

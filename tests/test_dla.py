@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from explorer.attention import attention_from
-from explorer.dla import FrozenNorm, dla, head_token_table, head_top_tokens
-from explorer.errors import ExplorerInputError
-from explorer.lens import logit_lens
-from explorer.prompts import PromptPair, tokenize_pair
-from explorer.runtime import to_host, to_model
+from explorer.analyses.attention import attention_from
+from explorer.analyses.dla import FrozenNorm, dla, head_token_table, head_top_tokens
+from explorer.core.errors import ExplorerInputError
+from explorer.analyses.lens import logit_lens
+from explorer.core.prompts import PromptPair, tokenize_pair
+from explorer.core.runtime import to_host, to_model
 from tests.conftest import HALF, model_ids, tol
 
 
@@ -37,7 +37,7 @@ def test_dla_reconciles(tiny_model, family, run):
 
 
 def test_dla_on_demo_model(demo_model):
-    from explorer.ui.state import DEMO_PAIR
+    from explorer.surfaces.ui.state import DEMO_PAIR
     tp = tokenize_pair(demo_model.tokenizer, DEMO_PAIR)
     res = dla(demo_model, tp, "clean")
     assert reconciles(res)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from explorer import engine
+from explorer.core import engine
 
 
 def _prefix(kv, n: int):

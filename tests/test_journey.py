@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from explorer import cli
-from explorer.runtime import REPO_ROOT
-from explorer.ui.state import DEMO_PAIR
+from explorer.surfaces import cli
+from explorer.core.runtime import REPO_ROOT
+from explorer.surfaces.ui.state import DEMO_PAIR
 from tests.browser import (PAGE_LINKS, chromium, chromium_available, current_link, edit_pair, errors, eulerian_walk,
                            new_page, open_page, problems, query, served_app, settle, sidebar_lds, sidebar_links)
 
@@ -196,8 +196,8 @@ def test_reload_back_forward_and_a_shared_link(page, browser):
 @pytest.fixture(scope="module")
 def smollm2_ready(app_url):
     """SmolLM2 prepared in the cache the app reads (required in CI, skipped elsewhere if it cannot be)."""
-    from explorer import smollm2
-    from explorer.errors import ExplorerInputError
+    from explorer.sources import smollm2
+    from explorer.core.errors import ExplorerInputError
     try:
         smollm2.prepare()
     except ExplorerInputError as exc:
@@ -209,7 +209,7 @@ def smollm2_ready(app_url):
 def test_model_switch_mid_walk(page, smollm2_ready):
     """demo -> smollm2 -> demo from the sidebar of analysis pages: the demo pair does not fit
     SmolLM2's tokenizer, so its default pair is loaded and the page says so; no exception."""
-    from explorer.ui.state import SMOLLM2_PAIR
+    from explorer.surfaces.ui.state import SMOLLM2_PAIR
     open_page(page, "Logit lens")
     choose(page, "Model", "smollm2")
     assert problems(page) == []
@@ -246,9 +246,9 @@ def cell(page, **fields):
 
 
 def test_click_a_heatmap_cell_drills_down_and_its_links_open_the_head(page, tmp_path):
-    from explorer.models import load_model
-    from explorer.patching import head_sweep
-    from explorer.prompts import tokenize_pair
+    from explorer.sources.models import load_model
+    from explorer.analyses.patching import head_sweep
+    from explorer.core.prompts import tokenize_pair
     open_page(page, "Patching")
     box = cell(page, layer=2, pos=17).bounding_box()
     page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
@@ -359,7 +359,7 @@ def test_eight_sessions_on_two_models_at_once_equal_serial_runs(browser, app_url
 
     from urllib.parse import urlencode
 
-    from explorer.ui.state import SMOLLM2_PAIR
+    from explorer.surfaces.ui.state import SMOLLM2_PAIR
     from tests.browser import SERVER_PIDS
     views = [(path, {"model": model, **pair.to_dict(), **settings})
              for model, pair in (("demo", DEMO_PAIR), ("smollm2", SMOLLM2_PAIR))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from explorer import engine
-from explorer.errors import ExplorerInputError
-from explorer.models import load_model
-from explorer.runtime import configure_threads, pick_device, pick_dtype
+from explorer.core import engine
+from explorer.core.errors import ExplorerInputError
+from explorer.sources.models import load_model
+from explorer.core.runtime import configure_threads, pick_device, pick_dtype
 from tests.conftest import TEST_DEVICE, TEST_DTYPE, tol
 from tests.device_guard import is_host
 
@@ -70,7 +70,7 @@ def test_trust_remote_code_is_off_by_default(tiny_model):
 
 
 def test_bfloat16_load(tmp_path):
-    from explorer.tiny import build_tiny_model
+    from explorer.sources.tiny import build_tiny_model
     lm = load_model(str(build_tiny_model("qwen2", tmp_path / "q")), device=TEST_DEVICE, dtype="bfloat16")
     assert lm.torch_model.dtype == torch.bfloat16 and lm.identity.endswith(f"bfloat16|{TEST_DEVICE}")
     logits, reads = engine.run(lm, torch.tensor([[3, 4, 5]]), reads=[("resid_post", 0)])
@@ -80,9 +80,10 @@ def test_bfloat16_load(tmp_path):
 
 def test_concurrent_patch_sweeps_share_caches_safely(demo_model):
     """Several sessions sweeping different pairs at once get the numbers a lone session gets."""
-    from explorer import cache, patching, scheduler
-    from explorer.prompts import load_prompt_set, tokenize_pair
-    from explorer.runtime import REPO_ROOT
+    from explorer.core import cache, scheduler
+    from explorer.analyses import patching
+    from explorer.core.prompts import load_prompt_set, tokenize_pair
+    from explorer.core.runtime import REPO_ROOT
     pairs = load_prompt_set(REPO_ROOT / "prompts" / "demo_induction.jsonl").pairs[:6]
     tps = [tokenize_pair(demo_model.tokenizer, p) for p in pairs]
     patches = [[(patching.Cell("resid_pre", l, p),) for l in range(demo_model.arch.n_layers) for p in range(tp.n_pos)]
@@ -99,7 +100,7 @@ def test_a_device_the_machine_lacks_names_what_to_use(capsys):
     for device in ("cuda", "cuda:1"):
         with pytest.raises(ExplorerInputError, match="no CUDA GPU is visible; use 'cpu' or 'auto'"):
             load_model("demo", device=device)
-    from explorer.cli import main
+    from explorer.surfaces.cli import main
     args = ["baseline", "--model", "demo", "--clean", "Anna", "--corrupted", "Tom", "--clean-answer", "Anna",
             "--corrupted-answer", "Tom"]
     assert main([*args, "--device", "cuda"]) == 2
@@ -124,7 +125,7 @@ def test_dtypes_a_device_cannot_run(monkeypatch):
 
     def no_half(device, dtype):  # what torch builds without half-precision CPU kernels say
         raise RuntimeError(f'"addmm_impl_cpu_" not implemented for {dtype}')
-    monkeypatch.setattr("explorer.runtime._probe", no_half)
+    monkeypatch.setattr("explorer.core.runtime._probe", no_half)
     with pytest.raises(ExplorerInputError, match=r"dtype float16 does not run on 'cpu' here \(.*not implemented.*\); "
                                                  "use float32, or bfloat16 where the device supports it"):
         load_model("demo", device="cpu", dtype="float16")
@@ -134,7 +135,7 @@ def test_dtypes_a_device_cannot_run(monkeypatch):
 def overflowing_model(tmp_path_factory):
     """A tiny llama whose last MLP writes values past float16's range (65504), fine in float32."""
     from transformers import AutoModelForCausalLM
-    from explorer.tiny import build_tiny_model
+    from explorer.sources.tiny import build_tiny_model
     folder = build_tiny_model("llama", tmp_path_factory.mktemp("overflow"))
     model = AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
@@ -144,9 +145,9 @@ def overflowing_model(tmp_path_factory):
 
 
 def test_float16_overflow_says_to_use_a_wider_dtype(overflowing_model):
-    from explorer.baseline import baseline
-    from explorer.patching import patch_sweep
-    from explorer.prompts import PromptPair, tokenize_pair
+    from explorer.analyses.baseline import baseline
+    from explorer.analyses.patching import patch_sweep
+    from explorer.core.prompts import PromptPair, tokenize_pair
     pair = PromptPair("w3 w7 w11 w5", "w3 w8 w11 w5", "w4", "w6")
     wide = load_model(str(overflowing_model), device=TEST_DEVICE, dtype="float32")
     assert np.isfinite(baseline(wide, pair).ld_clean)
@@ -163,10 +164,10 @@ def test_a_model_folder_removed_while_the_app_runs(tmp_path):
     so in one message, and the model already in memory keeps working."""
     import shutil
 
-    from explorer.baseline import baseline
-    from explorer.models import weight_hash
-    from explorer.prompts import PromptPair, tokenize_pair
-    from explorer.tiny import build_tiny_model
+    from explorer.analyses.baseline import baseline
+    from explorer.sources.models import weight_hash
+    from explorer.core.prompts import PromptPair, tokenize_pair
+    from explorer.sources.tiny import build_tiny_model
 
     folder = build_tiny_model("llama", tmp_path / "vanishing")
     lm = load_model(str(folder), device=TEST_DEVICE, dtype=TEST_DTYPE)
@@ -186,8 +187,8 @@ def test_a_model_folder_removed_in_the_middle_of_loading(tmp_path, monkeypatch):
     """The folder checks out when it is resolved, then vanishes before the weights are read."""
     import shutil
 
-    from explorer import models
-    from explorer.tiny import build_tiny_model
+    from explorer.sources import models
+    from explorer.sources.tiny import build_tiny_model
 
     folder = build_tiny_model("llama", tmp_path / "vanishing")
     resolve = models.resolve_model_path
@@ -203,8 +204,8 @@ def test_a_model_folder_removed_in_the_middle_of_loading(tmp_path, monkeypatch):
 
 
 def test_weights_removed_from_a_folder(tmp_path):
-    from explorer.models import weight_hash
-    from explorer.tiny import build_tiny_model
+    from explorer.sources.models import weight_hash
+    from explorer.sources.tiny import build_tiny_model
 
     folder = build_tiny_model("llama", tmp_path / "m")
     (folder / "model.safetensors").unlink()

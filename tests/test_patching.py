@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from explorer import scheduler
-from explorer.baseline import pair_lds
-from explorer.errors import ExplorerInputError
-from explorer.patching import LAST, Cell, head_set_patch, head_sweep, patch_sweep, patched_logit_diffs
-from explorer.prompts import PromptPair, tokenize_pair
+from explorer.core import scheduler
+from explorer.analyses.baseline import pair_lds
+from explorer.core.errors import ExplorerInputError
+from explorer.analyses.patching import LAST, Cell, head_set_patch, head_sweep, patch_sweep, patched_logit_diffs
+from explorer.core.prompts import PromptPair, tokenize_pair
 from tests.conftest import load_test_model, model_ids, tol
 
 PAIR = PromptPair(clean="w3 w7 w11 w5 w9 w2", corrupted="w3 w8 w11 w5 w9 w2", clean_answer="w4", corrupted_answer="w6")
@@ -189,7 +189,7 @@ def test_fast_path_equals_full_batched_path(tiny_model, family, trim, one_pass, 
     """Layer skipping, packed rows over the target's key/value prefix, the single pass that carries
     source and target runs beside the patched rows, and skipping unchanged patches change no number
     (small blocks and passes: many of them)."""
-    import explorer.patching as patching
+    import explorer.analyses.patching as patching
     monkeypatch.setattr(scheduler, "LAYER_BLOCK", 1)
     monkeypatch.setattr(scheduler, "PACK_TOKENS", 9)
     lm = tiny_model(family)
@@ -201,7 +201,7 @@ def test_fast_path_equals_full_batched_path(tiny_model, family, trim, one_pass, 
     patches += [(Cell("head_out", l, None, h),) for l in range(lm.arch.n_layers) for h in (0, 3)]
     patches += [(Cell("mlp_out", l, None),) for l in range(lm.arch.n_layers)]
     fast = scheduler.patched_lds(lm, tp, patches, "noise", trim=trim, one_pass=one_pass)
-    from explorer import cache
+    from explorer.core import cache
     cache.clear_memory()
     import shutil
     shutil.rmtree(cache.cache_dir() / "results", ignore_errors=True)
@@ -210,7 +210,7 @@ def test_fast_path_equals_full_batched_path(tiny_model, family, trim, one_pass, 
 
 
 def test_demo_model_sweeps_match_hooks(demo_model):
-    from explorer.ui.state import DEMO_PAIR
+    from explorer.surfaces.ui.state import DEMO_PAIR
     tp = tokenize_pair(demo_model.tokenizer, DEMO_PAIR)
     res = patch_sweep(demo_model, tp, "resid_post", "each", layers=[1])
     heads = head_sweep(demo_model, tp, "all", "noise", layers=[2])
@@ -225,8 +225,8 @@ def test_demo_model_sweeps_match_hooks(demo_model):
 
 
 def test_fast_path_chunks_to_the_memory_budget(tiny_model, monkeypatch):
-    import explorer.patching as patching
-    from explorer import cache
+    import explorer.analyses.patching as patching
+    from explorer.core import cache
     lm = tiny_model("llama")
     tp = tokenize_pair(lm.tokenizer, PAIR)
     full = patch_sweep(lm, tp, "attn_out", "each").frame["ld_patched"].to_numpy()
@@ -243,8 +243,8 @@ def test_fast_path_chunks_to_the_memory_budget(tiny_model, monkeypatch):
 def test_patches_before_the_first_differing_token_are_not_run(tiny_model, monkeypatch):
     """Before the first position where the prompts differ, clean and corrupted activations are equal,
     so those patches change nothing: they cost no pass and report the target run's own LD."""
-    import explorer.patching as patching
-    from explorer import cache
+    import explorer.analyses.patching as patching
+    from explorer.core import cache
     lm = tiny_model("qwen2")
     pair = PromptPair("w3 w7 w11 w5 w9 w2", "w3 w7 w11 w5 w8 w2", "w4", "w6")
     tp = tokenize_pair(lm.tokenizer, pair)
@@ -269,9 +269,9 @@ def test_sliding_window_shorter_than_the_prompt_is_not_packed(tmp_path):
     is shorter than the prompt takes the batched rows; numbers still equal the plain batched path."""
     import json
 
-    import explorer.patching as patching
-    from explorer import cache
-    from explorer.tiny import build_tiny_model
+    import explorer.analyses.patching as patching
+    from explorer.core import cache
+    from explorer.sources.tiny import build_tiny_model
     folder = build_tiny_model("gemma2", tmp_path / "gemma2")
     config = json.loads((folder / "config.json").read_text())
     config["sliding_window"] = 3
@@ -292,7 +292,7 @@ def test_sliding_window_shorter_than_the_prompt_is_not_packed(tmp_path):
 
 @pytest.mark.parametrize("one_pass", [False, True])
 def test_unequal_lengths_last_position_both_fast_paths(tiny_model, one_pass):
-    import explorer.patching as patching
+    import explorer.analyses.patching as patching
     lm = tiny_model("qwen2")
     tp = tokenize_pair(lm.tokenizer, PromptPair("w3 w7 w11 w5", "w3 w8 w5", "w4", "w6"))
     patches = [(Cell(site, l, LAST),) for site in ("resid_pre", "mlp_out") for l in range(lm.arch.n_layers)]
@@ -306,7 +306,7 @@ def test_unequal_lengths_last_position_both_fast_paths(tiny_model, one_pass):
 def test_sweep_over_pairs_averages_each_pairs_own_sweep(tiny_model):
     """Per-cell mean and spread over pairs equal the single-pair sweeps; unusable pairs are skipped
     with their reason; positions that do not line up across pairs are refused."""
-    from explorer.patching import sweep_over_pairs
+    from explorer.analyses.patching import sweep_over_pairs
     lm = tiny_model("llama")
     pairs = [PAIR, PromptPair("w3 w7 w11 w5", "w3 w8 w11 w5", "w4", "w6", id="b"),
              PromptPair("w3 w7", "w3 w8", "w4 w5", "w6", id="two-token")]

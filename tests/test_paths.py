@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from explorer.adapters import get_path
-from explorer.errors import ExplorerInputError
-from explorer.paths import parse_receiver, path_patch
-from explorer.prompts import PromptPair, tokenize_pair
-from explorer.tiny import build_tiny_model
+from explorer.core.adapters import get_path
+from explorer.core.errors import ExplorerInputError
+from explorer.analyses.paths import parse_receiver, path_patch
+from explorer.core.prompts import PromptPair, tokenize_pair
+from explorer.sources.tiny import build_tiny_model
 from tests.conftest import load_test_model, model_ids, tol
 
 PAIR = PromptPair("w3 w7 w11 w5 w9 w2", "w3 w8 w11 w5 w9 w2", "w4", "w6")

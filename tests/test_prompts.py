@@ -1,7 +1,7 @@
 import pytest
 
-from explorer.errors import ExplorerInputError
-from explorer.prompts import PromptPair, parse_jsonl, tokenize_pair, load_prompt_set
+from explorer.core.errors import ExplorerInputError
+from explorer.core.prompts import PromptPair, parse_jsonl, tokenize_pair, load_prompt_set
 
 
 def test_malformed_lines_are_reported_and_valid_lines_load(tmp_path):
@@ -35,7 +35,7 @@ def test_token_table_marks_differing_positions(demo_model):
 
 
 def test_answer_must_be_one_token(tiny_model):
-    from explorer.tiny import word_level_tokenizer
+    from explorer.sources.tiny import word_level_tokenizer
     tok = word_level_tokenizer(["w1", "w2"])
     with pytest.raises(ExplorerInputError, match=r"2 tokens, not one: 'w1' \| 'w2'"):
         tokenize_pair(tok, PromptPair("w1", "w2", "w1 w2", "w1"))

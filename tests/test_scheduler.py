@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from explorer import calibration
-from explorer.runtime import strict_float32
+from explorer.core import calibration
+from explorer.core.runtime import strict_float32
 
 
 def test_pass_costs_are_measured_once_per_device_and_shape_and_kept_on_disk(tiny_model, monkeypatch, tmp_path):

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from explorer import cache
-from explorer.errors import ExplorerInputError
-from explorer.models import DEMO_MODEL_DIR, allowed_model, load_model
-from explorer.prompts import (MAX_PROMPT_SET_BYTES, MAX_PROMPT_SET_LINES, MAX_REPORTED_ERRORS, PromptPair,
+from explorer.core import cache
+from explorer.core.errors import ExplorerInputError
+from explorer.sources.models import DEMO_MODEL_DIR, allowed_model, load_model
+from explorer.core.prompts import (MAX_PROMPT_SET_BYTES, MAX_PROMPT_SET_LINES, MAX_REPORTED_ERRORS, PromptPair,
                               load_prompt_set, parse_jsonl, tokenize_pair)
-from explorer.runtime import cache_dir
+from explorer.core.runtime import cache_dir
 from tests.conftest import ROOT, TEST_DEVICE, TEST_DTYPE
 
 # ---- the code itself ----
@@ -104,7 +104,7 @@ k = safetensors.torch.load(blob)
 
 def test_no_unpickling_eval_or_remote_code_in_the_product():
     sources = _product_sources()
-    assert ROOT / "explorer" / "cache.py" in sources and ROOT / "app.py" in sources and len(sources) > 20
+    assert ROOT / "explorer" / "core" / "cache.py" in sources and ROOT / "app.py" in sources and len(sources) > 20
     problems = [f"{path.relative_to(ROOT)} {finding}" for path in sources
                 for finding in unsafe_calls(path.read_text(encoding="utf-8"))]
     assert not problems, "\n".join(problems)
@@ -112,10 +112,10 @@ def test_no_unpickling_eval_or_remote_code_in_the_product():
 
 # ---- trust_remote_code only by choice ----
 def test_remote_code_is_off_unless_chosen():
-    import explorer.cli
+    import explorer.surfaces.cli
 
     assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
-    parser_source = inspect.getsource(explorer.cli)
+    parser_source = inspect.getsource(explorer.surfaces.cli)
     assert re.search(r'"--trust-remote-code", action="store_true"', parser_source)  # off unless given
 
 
@@ -133,7 +133,7 @@ def _with_remote_code(folder: Path, file: str = "config.json") -> Path:
 
 @pytest.mark.parametrize("file", ["config.json", "tokenizer_config.json"])
 def test_a_model_that_ships_code_is_refused_with_how_to_opt_in(tmp_path, file):
-    from explorer.tiny import build_tiny_model
+    from explorer.sources.tiny import build_tiny_model
 
     folder = build_tiny_model("llama", tmp_path / "custom")  # a known model_type: transformers alone would load it
     marker = _with_remote_code(folder, file)
@@ -152,7 +152,7 @@ NASTY_WORDS = ["../../etc/passwd", "..\\..\\boot.ini", "a/b", "..", "名前", "n
 def _model_with_words(folder: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from explorer.tiny import TINY_VOCAB, tiny_config, word_level_tokenizer
+    from explorer.sources.tiny import TINY_VOCAB, tiny_config, word_level_tokenizer
 
     tokenizer = word_level_tokenizer(TINY_VOCAB + NASTY_WORDS)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), attn_implementation="eager")
@@ -162,8 +162,8 @@ def _model_with_words(folder: Path) -> Path:
 
 
 def test_cache_file_names_are_hashes_whatever_the_prompt_or_folder(tmp_path, monkeypatch):
-    from explorer.baseline import baseline
-    from explorer.patching import patch_sweep
+    from explorer.analyses.baseline import baseline
+    from explorer.analyses.patching import patch_sweep
 
     monkeypatch.setenv("CIRCUIT_EXPLORER_CACHE", str(tmp_path / "cache"))
     cache.clear_memory()

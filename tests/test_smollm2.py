@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from explorer.errors import ExplorerInputError
-from explorer.prompts import PromptPair, tokenize_pair
-from explorer.runtime import REPO_ROOT, to_host
+from explorer.core.errors import ExplorerInputError
+from explorer.core.prompts import PromptPair, tokenize_pair
+from explorer.core.runtime import REPO_ROOT, to_host
 from tests.conftest import load_test_model, tol
 from tests.device_guard import paused
 
@@ -18,7 +18,7 @@ IOI = PromptPair("When Mary and John went to the store, John gave a drink to",
 def smollm2(monkeypatch_module):
     # The prepared weights live in the repo's cache/ (git-ignored) so a second test run reuses them.
     monkeypatch_module.setenv("CIRCUIT_EXPLORER_CACHE", str(REPO_ROOT / "cache"))
-    from explorer import smollm2 as prep
+    from explorer.sources import smollm2 as prep
     try:
         folder = prep.prepare()
     except ExplorerInputError as exc:
@@ -37,7 +37,7 @@ def monkeypatch_module():
 
 def test_loader_logits_equal_plain_transformers(smollm2):
     from transformers import AutoModelForCausalLM
-    from explorer import engine
+    from explorer.core import engine
     folder, lm = smollm2
     assert lm.arch.name == "llama" and lm.arch.n_layers == 30 and lm.arch.n_kv_heads == 3
     assert "not** the original bf16 release" in (folder / "README.md").read_text()
@@ -50,8 +50,8 @@ def test_loader_logits_equal_plain_transformers(smollm2):
 
 
 def test_ioi_baseline_and_residual_patching_row(smollm2):
-    from explorer.baseline import baseline
-    from explorer.patching import patch_sweep
+    from explorer.analyses.baseline import baseline
+    from explorer.analyses.patching import patch_sweep
     from tests.test_patching import hook_patch_ld
     _, lm = smollm2
     tp = tokenize_pair(lm.tokenizer, IOI)
@@ -66,7 +66,7 @@ def test_ioi_baseline_and_residual_patching_row(smollm2):
 
 
 def test_bundled_smollm2_sets_are_single_token(smollm2):
-    from explorer.prompts import check_for_tokenizer, load_prompt_set
+    from explorer.core.prompts import check_for_tokenizer, load_prompt_set
     _, lm = smollm2
     for family in ("ioi", "factual_recall", "antonyms", "set_completion"):
         ps = load_prompt_set(REPO_ROOT / "prompts" / f"smollm2_{family}.jsonl")

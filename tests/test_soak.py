@@ -7,7 +7,7 @@ import os
 import psutil
 import pytest
 
-from explorer.runtime import REPO_ROOT
+from explorer.core.runtime import REPO_ROOT
 
 REQUESTS = 200
 # Growth allowed after the warm-up (every page and setting seen once): caches are bounded, so

