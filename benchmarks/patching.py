@@ -124,14 +124,14 @@ def one_trace_per_patch(lm, tp, patches):
         iv = engine.Intervention(cell.site, cell.layer, torch.tensor([0]),
                                  None if cell.pos is None else torch.tensor([cell.pos]), value.unsqueeze(0),
                                  None if cell.head is None else torch.tensor([cell.head]))
-        logits, _ = engine.run(lm, ids, [iv])
+        logits = engine.run(lm, ids, [iv]).logits
         out.append(float(logits[0, tp.clean_answer_id] - logits[0, tp.corrupted_answer_id]))
     return np.array(out)
 
 
 def bare_batched(lm, tp, rows: int):
     ids = torch.tensor([list(tp.corrupted_ids)]).expand(rows, -1)
-    logits, _ = engine.run(lm, ids)
+    logits = engine.run(lm, ids).logits
     return logits
 
 

@@ -45,7 +45,8 @@ def test_zoo_sites_match_hooks(tiny_model, family):
     lm = tiny_model(family)
     arch = lm.arch
     reads = [(s, l) for l in range(arch.n_layers) for s in ("resid_pre", "head_out", "attn_out", "mlp_out", "resid_post")]
-    logits, saved = engine.run(lm, IDS, reads=reads)
+    out = engine.run(lm, IDS, reads=reads)
+    logits, saved = out.logits, out.reads
     ref_logits, ref = hook_reference(lm, IDS)
     torch.testing.assert_close(logits, to_host(ref_logits), atol=tol("act"), rtol=tol("act"))
     for layer in range(arch.n_layers):
@@ -79,7 +80,7 @@ def test_zoo_layer_kinds_match_config(tiny_model, family):
 
 def test_attention_pattern_rows_sum_to_one(tiny_model):
     lm = tiny_model("llama")
-    _, saved = engine.run(lm, IDS, reads=[("attn_pattern", 1)])
+    saved = engine.run(lm, IDS, reads=[("attn_pattern", 1)]).reads
     pattern = saved[("attn_pattern", 1)]  # [batch, head, query, key]
     torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern[..., 0]))
     assert torch.all(pattern.triu(1) == 0)  # causal

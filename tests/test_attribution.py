@@ -34,11 +34,11 @@ def finite_difference(lm, tp, site, layer, pos, head, alpha=1e-2):
         iv = engine.Intervention(site, layer, torch.tensor([0]), None if pos is None else torch.tensor([pos]),
                                  (value if pos is None else value[pos]).unsqueeze(0),
                                  None if head is None else torch.tensor([head]))
-        logits, _ = engine.run(lm, torch.tensor([list(tp.corrupted_ids)]), [iv])
+        logits = engine.run(lm, torch.tensor([list(tp.corrupted_ids)]), [iv]).logits
         return float(logits[0, tp.clean_answer_id] - logits[0, tp.corrupted_answer_id])
 
-    clean_logits, _ = engine.run(lm, torch.tensor([list(tp.clean_ids)]))
-    corr_logits, _ = engine.run(lm, torch.tensor([list(tp.corrupted_ids)]))
+    clean_logits = engine.run(lm, torch.tensor([list(tp.clean_ids)])).logits
+    corr_logits = engine.run(lm, torch.tensor([list(tp.corrupted_ids)])).logits
     span = float(clean_logits[0, tp.clean_answer_id] - clean_logits[0, tp.corrupted_answer_id]) - \
         float(corr_logits[0, tp.clean_answer_id] - corr_logits[0, tp.corrupted_answer_id])
     return (ld_at(alpha) - ld_at(-alpha)) / (2 * alpha) / span

@@ -67,7 +67,8 @@ def test_the_engine_moves_what_it_is_given(lm, monkeypatch):
         iv = engine.Intervention("resid_post", 1, torch.tensor([0]), torch.tensor([2]), value)
         skip = get_activations(lm, (3, 4, 5, 6), [("resid_post", 0)])[1][("resid_post", 0)][None]
         assert is_host(skip)
-        logits, reads = engine.run(lm, ids, [iv], reads=[("mlp_out", 1)], skip_layers=1, skip_value=skip)
+        out = engine.run(lm, ids, [iv], reads=[("mlp_out", 1)], options=engine.PassOptions(skip_layers=1, skip_value=skip))
+        logits, reads = out.logits, out.reads
         assert is_host(logits) and logits.dtype == torch.float32
         assert not is_host(reads[("mlp_out", 1)])  # reads stay on the device for the next pass
         monkeypatch.setattr(engine, "_on_model", lambda lm, iv: iv)

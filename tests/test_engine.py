@@ -18,10 +18,11 @@ def test_prefix_cache_and_packed_rows_equal_full_runs(tiny_model, family):
     lm = tiny_model(family)
     a = torch.tensor([[3, 9, 11, 5, 7, 2, 4]])
     b = torch.tensor([[3, 9, 11, 6, 7, 2, 4]])  # differs from a at position 3
-    full_a, _, kv = engine.run(lm, a, return_cache=True)
-    full_b, _ = engine.run(lm, b)
+    first = engine.run(lm, a, options=engine.PassOptions(return_cache=True))
+    full_a, kv = first.logits, first.cache
+    full_b = engine.run(lm, b).logits
     # positions 2.. of `a` over the cached keys/values of positions 0..1
-    tail, _ = engine.run(lm, a[:, 2:], past_key_values=_prefix(kv, 2))
+    tail = engine.run(lm, a[:, 2:], options=engine.PassOptions(past_key_values=_prefix(kv, 2))).logits
     torch.testing.assert_close(tail, full_a, atol=1e-5, rtol=1e-5)
     # two rows packed into one sequence over a's prefix: b from position 3 and a from position 5
     positions = torch.tensor([3, 4, 5, 6, 5, 6])
@@ -31,6 +32,7 @@ def test_prefix_cache_and_packed_rows_equal_full_runs(tiny_model, family):
     allowed = torch.cat([torch.arange(5)[None, :] < first[:, None],
                          (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])], 1)
     mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[None, None]
-    logits, _ = engine.run(lm, ids, past_key_values=_prefix(kv, 5), keep=torch.tensor([3, 5]),
-                           attention_mask=mask, position_ids=positions[None])
+    options = engine.PassOptions(past_key_values=_prefix(kv, 5), keep=torch.tensor([3, 5]), attention_mask=mask,
+                                 position_ids=positions[None])
+    logits = engine.run(lm, ids, options=options).logits
     torch.testing.assert_close(logits[0], torch.cat([full_b, full_a]), atol=1e-5, rtol=1e-5)

@@ -37,8 +37,8 @@ def run_concurrently(task, n: int) -> list:
 def test_concurrent_traces_through_the_lock(demo_model):
     """Streamlit serves sessions from threads; traces on the shared model must not collide."""
     ids = [torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    expected = [engine.run(demo_model, x)[0] for x in ids]
-    results = run_concurrently(lambda i: [engine.run(demo_model, ids[i])[0] for _ in range(3)][-1], len(ids))
+    expected = [engine.run(demo_model, x).logits for x in ids]
+    results = run_concurrently(lambda i: [engine.run(demo_model, ids[i]).logits for _ in range(3)][-1], len(ids))
     for got, want in zip(results, expected):
         torch.testing.assert_close(got, want)
 
@@ -73,7 +73,8 @@ def test_bfloat16_load(tmp_path):
     from explorer.sources.tiny import build_tiny_model
     lm = load_model(str(build_tiny_model("qwen2", tmp_path / "q")), device=TEST_DEVICE, dtype="bfloat16")
     assert lm.torch_model.dtype == torch.bfloat16 and lm.identity.endswith(f"bfloat16|{TEST_DEVICE}")
-    logits, reads = engine.run(lm, torch.tensor([[3, 4, 5]]), reads=[("resid_post", 0)])
+    out = engine.run(lm, torch.tensor([[3, 4, 5]]), reads=[("resid_post", 0)])
+    logits, reads = out.logits, out.reads
     assert logits.dtype == torch.float32 and is_host(logits)  # widened for the metric, on the CPU
     assert reads[("resid_post", 0)].dtype == torch.bfloat16  # reads stay as the model computes them
 

@@ -42,7 +42,7 @@ def test_loader_logits_equal_plain_transformers(smollm2):
     assert lm.arch.name == "llama" and lm.arch.n_layers == 30 and lm.arch.n_kv_heads == 3
     assert "not** the original bf16 release" in (folder / "README.md").read_text()
     ids = torch.tensor([lm.tokenizer(IOI.clean)["input_ids"]])
-    logits, _ = engine.run(lm, ids)
+    logits = engine.run(lm, ids).logits
     with paused(), torch.no_grad():  # the reference: plain transformers, float32, on the CPU
         plain = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
         ref = plain(ids).logits[:, -1]

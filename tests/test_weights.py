@@ -16,12 +16,12 @@ def test_v_and_o_reproduce_head_output(tiny_model, family):
     lm = tiny_model(family)
     layer = lm.arch.n_layers - 1
     ids = torch.tensor([[3, 7, 11, 5]])
-    _, acts = engine.run(lm, ids, reads=[("head_out", layer), ("attn_out", layer)])
+    acts = engine.run(lm, ids, reads=[("head_out", layer), ("attn_out", layer)]).reads
     norm_in = None
     layer_mod = lm.sites.layer(lm.torch_model, layer)
     for name in ("input_layernorm", "ln_1"):
         norm_in = getattr(layer_mod, name, norm_in)
-    _, pre = engine.run(lm, ids, reads=[("resid_pre", layer)])
+    pre = engine.run(lm, ids, reads=[("resid_pre", layer)]).reads
     x = to_host(norm_in(pre[("resid_pre", layer)])[0, 0])
     head = 1
     w = head_weights(lm, layer, head)

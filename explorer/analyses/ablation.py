@@ -24,7 +24,7 @@ from explorer.core.adapters import HEAD_LABEL
 from explorer.core.cache import get_activations
 from explorer.analyses.dataset import pair_baselines
 from explorer.core.errors import ExplorerInputError
-from explorer.core.metrics import RELATIVE_DROP_FORMULA, SHIFT_FORMULA
+from explorer.core.metrics import RELATIVE_DROP_FORMULA, SHIFT_FORMULA, logit_diff
 from explorer.core.prompts import PromptPair, TokenizedPair, tokenize_pair
 from explorer.core.runtime import HOST
 
@@ -173,8 +173,8 @@ def ablated_lds(lm, ids: tuple, answers: tuple[int, int], rows_targets: list[lis
         raise ExplorerInputError(f"{method} ablation needs a reference prompt set.")
     ivs = _interventions(rows_targets, method, positions, len(ids), tuple(ids), reference)
     batch = torch.tensor([list(ids)], device=HOST).expand(len(rows_targets), -1)
-    logits, _ = engine.run(lm, batch, ivs, answers=answers)
-    return (logits[:, 0] - logits[:, 1]).numpy()
+    logits = engine.run(lm, batch, ivs, options=engine.PassOptions(answers=answers)).logits
+    return logit_diff(logits, 0, 1).numpy()  # the two answers' logits only
 
 
 @dataclass(frozen=True)
@@ -260,8 +260,8 @@ def _set_lds(lm, tps: list[TokenizedPair], run: str, targets: list[Target], meth
                                      draw_base=i):
                 iv.rows = torch.full_like(iv.rows, row)
                 ivs.append(iv)
-        logits, _ = engine.run(lm, torch.tensor([list(s) for s in seqs], device=HOST), ivs)
-        return chunk, [float(logits[row, tps[i].clean_answer_id] - logits[row, tps[i].corrupted_answer_id])
+        logits = engine.run(lm, torch.tensor([list(s) for s in seqs], device=HOST), ivs).logits
+        return chunk, [float(logit_diff(logits[row], tps[i].clean_answer_id, tps[i].corrupted_answer_id))
                        for row, i in enumerate(chunk)]
 
     done = 0

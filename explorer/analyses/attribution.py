@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from explorer.core import budget
+from explorer.core import budget, engine
 from explorer.analyses.baseline import pair_lds
 from explorer.core.cache import get_activations
 from explorer.core.errors import ExplorerInputError
@@ -42,17 +42,6 @@ class AttributionResult:
         return f.reindex(f["estimate"].abs().sort_values(ascending=False).index).head(top).reset_index(drop=True)
 
 
-def _site_tensor(lm, root, site: str, layer: int):
-    if site == "resid_pre":
-        return lm.sites.layer(root, layer).input
-    if site == "head_out":
-        return lm.sites.o_proj(root, layer).input
-    if site == "attn_out":
-        out = lm.sites.mixer(root, layer).output
-        return out[0] if isinstance(out, tuple) else out
-    return lm.sites.mlp(root, layer).output
-
-
 def _read_groups(lm, n_pos: int, reads: list[tuple[str, int]], memory_budget_mb: float | None) -> list[list]:
     """Reads in groups of whole layers, one forward and backward pass each, so that the autograd graph
     plus the gradients kept for a group fit the memory budget (one group when everything fits)."""
@@ -65,35 +54,6 @@ def _read_groups(lm, n_pos: int, reads: list[tuple[str, int]], memory_budget_mb:
     for read in reads:
         groups.setdefault(read[1] // layers, []).append(read)
     return list(groups.values())
-
-
-def _gradients(lm, ids: torch.Tensor, reads: list[tuple[str, int]], answers: tuple[int, int]) -> dict:
-    """{read: (activation, dLD/d activation)} on the corrupted run, [1, pos, ...] each, from one forward and
-    backward pass whose graph starts at the first layer read (earlier layers run without one)."""
-    import nnsight
-
-    a, b = answers
-    start = reads[0][1]
-    with lm.lock, torch.enable_grad():
-        with lm.nn.trace(ids):
-            if start == 0:
-                first = lm.sites.embed(lm.nn).output
-            else:
-                first = lm.sites.layer(lm.nn, start).input
-            first.requires_grad_(True)  # weights are frozen; gradients flow from here on
-            acts = nnsight.save([])
-            for site, layer in reads:
-                acts.append(_site_tensor(lm, lm.nn, site, layer))
-            logits = lm.nn.output.logits
-            ld = logits[0, -1, a] - logits[0, -1, b]
-            grads = nnsight.save([])
-            with ld.backward():
-                for act in reversed(acts):
-                    grads.append(act.grad)
-            acts = [x.detach() for x in acts]
-            nnsight.save(acts)
-    lm.forward_calls += 1
-    return dict(zip(reads, zip(acts, reversed(grads))))
 
 
 def attribution_patching(lm, tp: TokenizedPair, sites=ATTR_SITES, memory_budget_mb: float | None = None
@@ -115,7 +75,7 @@ def attribution_patching(lm, tp: TokenizedPair, sites=ATTR_SITES, memory_budget_
     ids = to_model(lm, torch.tensor([list(tp.corrupted_ids)], device=HOST))
     rows = []
     for group in _read_groups(lm, tp.n_pos, reads, memory_budget_mb):
-        run = lambda part: _gradients(lm, ids, part, answers)  # noqa: E731
+        run = lambda part: engine.gradients(lm, ids, part, answers)  # noqa: E731
         for found in budget.halving_on_oom(lm, run, group, "attribution patching"):
             for (site, layer), (corr_act, grad) in found.items():
                 rows += _estimates(lm, site, layer, clean[(site, layer)], corr_act, grad, span)

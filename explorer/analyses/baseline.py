@@ -63,5 +63,5 @@ def baseline(lm, pair: PromptPair | TokenizedPair, top_k: int = 10) -> BaselineR
         for rank, (p, tid) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
             top_rows.append({"run": run, "rank": rank, "token": show_token(lm.tokenizer, tid), "token_id": tid,
                              "prob": p, "logit": float(lg[tid])})
-    ld = {run: float(lg[tp.clean_answer_id] - lg[tp.corrupted_answer_id]) for run, lg in logits.items()}
+    ld = {run: float(logit_diff(lg, tp.clean_answer_id, tp.corrupted_answer_id)) for run, lg in logits.items()}
     return BaselineResult(tp, ld["clean"], ld["corrupted"], pd.DataFrame(answer_rows), pd.DataFrame(top_rows))

@@ -25,7 +25,7 @@ def last_logits(lm, sequences: list[tuple[int, ...]], progress=None, memory_budg
     memory = budget.budget_bytes(lm, memory_budget_mb)
 
     def run(chunk: list[int]):
-        logits, _ = engine.run(lm, torch.tensor([sequences[i] for i in chunk], device=HOST))
+        logits = engine.run(lm, torch.tensor([sequences[i] for i in chunk], device=HOST)).logits
         return chunk, logits
 
     done = 0

@@ -18,6 +18,7 @@ from explorer.core.cache import get_activations
 from explorer.core.errors import ExplorerInputError
 from explorer.core.prompts import TokenizedPair, show_token, single_token_ids
 from explorer.core.runtime import to_model
+from explorer.core.metrics import logit_diff
 
 DLA_FORMULA = ("DLA(c) = norm_lin(c) · (W_U[clean_answer] − W_U[corrupted_answer]), norm_lin = final norm with "
                "the scale (and centring, for LayerNorm) frozen at this run's final residual")
@@ -166,7 +167,7 @@ def dla(lm, tp: TokenizedPair, run: str = "clean") -> DLAResult:
                      "dla": float(b_u[tp.clean_answer_id] - b_u[tp.corrupted_answer_id])})
     frame = pd.DataFrame(rows)
     ld_sum = float(frame["dla"].sum())
-    ld_true = float(logits[tp.clean_answer_id] - logits[tp.corrupted_answer_id])
+    ld_true = float(logit_diff(logits, tp.clean_answer_id, tp.corrupted_answer_id))
     cap = softcap(lm)
     if cap:  # undo tanh soft-capping so the target is the linear logit difference
         raw = torch.atanh((logits[[tp.clean_answer_id, tp.corrupted_answer_id]] / cap).clamp(-0.999999, 0.999999)) * cap

@@ -9,6 +9,7 @@ import torch
 from explorer.core.cache import get_activations
 from explorer.core.prompts import TokenizedPair, show_token
 from explorer.core.runtime import to_host, to_model
+from explorer.core.metrics import logit_diff
 
 LENS_FORMULA = "lens logits(l) = W_U · final_norm(resid_post[l][last]); LD(l) from those logits"
 
@@ -35,7 +36,7 @@ def logit_lens(lm, tp: TokenizedPair, top_k: int = 5) -> LensResult:
         for i in range(L + 1):
             top = probs[i].topk(top_k).indices.tolist()
             rows.append({"run": run, "layer": i - 1, "site": "embed" if i == 0 else f"resid_post {i - 1}",
-                         "ld": float(logits[i, tp.clean_answer_id] - logits[i, tp.corrupted_answer_id]),
+                         "ld": float(logit_diff(logits[i], tp.clean_answer_id, tp.corrupted_answer_id)),
                          "p_clean_answer": float(probs[i, tp.clean_answer_id]),
                          "p_corrupted_answer": float(probs[i, tp.corrupted_answer_id]),
                          "top_tokens": " ".join(show_token(lm.tokenizer, t) for t in top)})

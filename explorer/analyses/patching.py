@@ -20,7 +20,7 @@ from explorer.core.adapters import HEAD_LABEL, LINEAR, canonical_site
 from explorer.analyses.baseline import pair_lds
 from explorer.core.cache import get_activations, load_result, result_key, save_result
 from explorer.core.errors import ExplorerInputError
-from explorer.core.metrics import metric_formula, metric_name, patch_effect
+from explorer.core.metrics import logit_diff, metric_formula, metric_name, patch_effect
 from explorer.core.prompts import TokenizedPair
 from explorer.core.runtime import HOST
 from explorer.core.scheduler import LAST, Cell, Patch  # noqa: F401  (the patch vocabulary, re-exported)
@@ -139,8 +139,8 @@ def patched_logit_diffs(lm, tp: TokenizedPair, patches: list[Patch], direction: 
 
     def run(rows: list[int]):
         ivs = _interventions([patches[i] for i in rows], source, len(src_ids), len(tgt_ids))
-        logits, _ = engine.run(lm, target.expand(len(rows), -1), ivs)
-        return rows, (logits[:, tp.clean_answer_id] - logits[:, tp.corrupted_answer_id]).numpy()
+        logits = engine.run(lm, target.expand(len(rows), -1), ivs).logits
+        return rows, logit_diff(logits, tp.clean_answer_id, tp.corrupted_answer_id).numpy()
 
     for start in range(0, len(patches), rows_per_pass):
         chunk = list(range(start, min(start + rows_per_pass, len(patches))))

@@ -22,7 +22,7 @@ from explorer.analyses.baseline import pair_lds
 from explorer.core.cache import get_activations
 from explorer.analyses.dla import head_contributions
 from explorer.core.errors import ExplorerInputError
-from explorer.core.metrics import patch_effect
+from explorer.core.metrics import logit_diff, patch_effect
 from explorer.analyses.patching import PatchResult
 from explorer.core.prompts import TokenizedPair
 from explorer.core.runtime import HOST, to_model
@@ -69,7 +69,7 @@ def path_patch(lm, tp: TokenizedPair, receiver: tuple, senders: list[tuple[int, 
         with torch.no_grad():
             final = sites.final_norm(lm.torch_model)(to_model(lm, resid[:, -1]))
             logits = sites.unembed(lm.torch_model)(final)[:, [a, b]].float()
-        lds = (logits[:, 0] - logits[:, 1]).tolist()
+        lds = logit_diff(logits, 0, 1).tolist()
     else:
         layer, head, which = receiver
         path, chunks, index = sites.qkv_slot(layer, head, which)
@@ -83,9 +83,10 @@ def path_patch(lm, tp: TokenizedPair, receiver: tuple, senders: list[tuple[int, 
         # Layers before the receiver are untouched by a write at the receiver: skip them,
         # feeding the receiver layer the corrupted run's cached residual.
         skip_value = corr[base_read].unsqueeze(0).expand(n, -1, -1).clone()
-        logits, _ = engine.run(lm, torch.tensor([list(tp.corrupted_ids)], device=HOST).expand(n, -1), [iv],
-                               skip_layers=layer, skip_value=skip_value, answers=(a, b))
-        lds = (logits[:, 0] - logits[:, 1]).numpy()
+        options = engine.PassOptions(skip_layers=layer, skip_value=skip_value, answers=(a, b))
+        logits = engine.run(lm, torch.tensor([list(tp.corrupted_ids)], device=HOST).expand(n, -1), [iv],
+                            options=options).logits
+        lds = logit_diff(logits, 0, 1).numpy()  # the pass returned the two answers' logits only
     ld_clean, ld_corr = pair_lds(lm, tp, require_span=True)
     frame = pd.DataFrame([{"layer": l, "head": h, "head_label": arch.head_label(l, h)} for l, h in senders])
     frame["ld_patched"] = lds

@@ -184,7 +184,8 @@ def get_activations(lm, token_ids, reads: list[tuple[str, int]], use_disk: bool 
         entry = {"logits": to_host(flat["logits"]), "acts": acts}
     else:
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=HOST)
-        logits, saved = engine.run(lm, ids, reads=reads)
+        out = engine.run(lm, ids, reads=reads)
+        logits, saved = out.logits, out.reads
         acts = {k: to_host(v[0]).contiguous() for k, v in saved.items()}
         entry = {"logits": logits[0], "acts": acts}
         if path is not None:

@@ -96,7 +96,7 @@ def _timed(lm, ids: torch.Tensor, skip: int = 0, repeat: int = 3) -> float:
     best = float("inf")
     for i in range(repeat + 1):
         start = time.perf_counter()
-        engine.run(lm, ids, skip_layers=skip, skip_value=skip_value, answers=(0, 1))  # logits on the CPU: synced
+        engine.run(lm, ids, options=engine.PassOptions(skip_layers=skip, skip_value=skip_value, answers=(0, 1)))  # logits on the CPU: synced
         if i:
             best = min(best, time.perf_counter() - start)
     return best

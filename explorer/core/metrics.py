@@ -11,8 +11,11 @@ RELATIVE_DROP_FORMULA = "relative drop = (LD_clean − LD_ablated) / LD_clean"
 
 
 def logit_diff(logits: torch.Tensor, clean_answer_id: int, corrupted_answer_id: int) -> torch.Tensor:
-    """logits [batch, vocab] at the last position -> LD [batch]."""
-    return logits[:, clean_answer_id] - logits[:, corrupted_answer_id]
+    """logits [..., vocab] at the last position -> LD [...] (the vocabulary is the last axis).
+
+    Every logit difference in explorer goes through here. When a pass returned only the two answers'
+    logits (engine.PassOptions(answers=...)), the ids are 0 and 1."""
+    return logits[..., clean_answer_id] - logits[..., corrupted_answer_id]
 
 
 def patch_effect(ld_patched, ld_clean: float, ld_corrupted: float, direction: str):

@@ -20,6 +20,7 @@ from explorer.core.cache import get_activations
 from explorer.core.errors import ExplorerInputError
 from explorer.core.prompts import TokenizedPair
 from explorer.core.runtime import HOST, to_model
+from explorer.core.metrics import logit_diff
 
 LAST = -1  # position sentinel: the last position of each run (works for unequal lengths)
 TOKEN_BUDGET = 8192  # at most this many batch rows x positions per traced pass (the memory budget may say fewer)
@@ -85,13 +86,13 @@ def _pair_state(lm, src_ids: tuple, tgt_ids: tuple, reads: list[tuple[str, int]]
         return hit
     same = len(src_ids) == len(tgt_ids)
     ids = torch.tensor([list(src_ids), list(tgt_ids)] if same else [list(tgt_ids)], device=HOST)
-    out = engine.run(lm, ids, reads=reads, return_cache=want_cache)
-    logits, saved, row = out[0], out[1], 1 if same else 0
+    out = engine.run(lm, ids, reads=reads, options=engine.PassOptions(return_cache=want_cache))
+    logits, saved, row = out.logits, out.reads, 1 if same else 0
     # Reads stay on the model's device; the cached source run (CPU, float32) joins them there.
     target = {k: v[row] for k, v in saved.items()}
     source = ({k: v[0] for k, v in saved.items()} if same else
               {k: to_model(lm, v) for k, v in get_activations(lm, src_ids, reads)[1].items()})
-    kv = [(layer.keys[row:row + 1], layer.values[row:row + 1]) for layer in out[2].layers] if want_cache else None
+    kv = [(layer.keys[row:row + 1], layer.values[row:row + 1]) for layer in out.cache.layers] if want_cache else None
     hit = (source, target, logits[row], kv)
     _PAIR_MEMO.clear()  # one pair at a time is enough for a sweep
     _PAIR_MEMO[key] = hit
@@ -243,9 +244,9 @@ def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, shared: 
                                    copy_from=(zeros(len(g[1])), torch.tensor(g[1], device=HOST)))
                for (site, layer, has_head), g in groups.items()]
         keep = torch.cat([torch.tensor([n_tgt - 1], device=HOST), offsets + lengths - 1])
-        logits, _ = engine.run(lm, ids, ivs, keep=keep, attention_mask=mask, position_ids=positions[None],
-                               answers=answers)
-        return chunk, (logits[0, :, 0] - logits[0, :, 1]).numpy()
+        options = engine.PassOptions(keep=keep, attention_mask=mask, position_ids=positions[None], answers=answers)
+        logits = engine.run(lm, ids, ivs, options=options).logits
+        return chunk, logit_diff(logits[0], 0, 1).numpy()  # the pass returned the two answers' logits only
 
     for chunk in _one_pass_chunks(rows, n_tgt, n_fixed, limits):
         for part, lds in budget.halving_on_oom(lm, run, chunk, "a patching pass"):
@@ -351,10 +352,10 @@ def _run_pass(lm, chunk: list[_Row], tgt_ids: torch.Tensor, target: dict, full_k
     skip_value = None
     if start > 0:  # a fresh copy: patches at resid_pre[start] write into it in place
         skip_value = target[("resid_post", start - 1)][positions][None].expand(batch, -1, -1).clone()
-    logits, _ = engine.run(lm, ids, ivs, skip_layers=start, skip_value=skip_value, past_key_values=cache, keep=keep,
-                           attention_mask=mask, position_ids=position_ids, answers=answers)
-    logits = logits[0] if packed else logits
-    return logits[:, 0] - logits[:, 1]
+    options = engine.PassOptions(skip_layers=start, skip_value=skip_value, past_key_values=cache, keep=keep,
+                                 attention_mask=mask, position_ids=position_ids, answers=answers)
+    logits = engine.run(lm, ids, ivs, options=options).logits
+    return logit_diff(logits[0] if packed else logits, 0, 1)  # the two answers' logits only
 
 
 def _shared_prefix(a: tuple, b: tuple) -> int:
