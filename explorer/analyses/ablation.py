@@ -134,11 +134,9 @@ def _interventions(rows_targets: list[list[Target]], method: str, positions, n_p
                    reference: Reference | None, draw_base: int = 0) -> list[engine.Intervention]:
     """One intervention per (site, layer, head?) group; row r ablates rows_targets[r]."""
     pos = _positions(positions, n_pos)
-    groups: dict = {}
+    writes = []
     for row, targets in enumerate(rows_targets):
         for t in targets:
-            key = (t.site, t.layer, t.head is not None)
-            g = groups.setdefault(key, {"rows": [], "pos": [], "heads": [], "values": []})
             if method == "zero":
                 full = None
             elif method == "mean":
@@ -147,22 +145,9 @@ def _interventions(rows_targets: list[list[Target]], method: str, positions, n_p
             else:
                 full = reference.resample(t, n_pos, ids, draw_base + row)
             for p in (pos if pos is not None else [None]):
-                g["rows"].append(row)
-                g["heads"].append(t.head)
-                if p is not None:
-                    g["pos"].append(p)
-                if full is not None:  # zero ablation writes a scalar
-                    g["values"].append(full if p is None else full[p])
-    out = []
-    for (site, layer, has_head), g in groups.items():
-        if method == "zero":
-            value = 0.0
-        else:
-            value = torch.stack(g["values"])
-        out.append(engine.Intervention(site, layer, torch.tensor(g["rows"], device=HOST),
-                                       torch.tensor(g["pos"], device=HOST) if g["pos"] else None, value,
-                                       torch.tensor(g["heads"], device=HOST) if has_head else None))
-    return out
+                value = 0.0 if full is None else full if p is None else full[p]  # zero ablation writes a scalar
+                writes.append(engine.Write(t.site, t.layer, row, p, t.head, value))
+    return engine.interventions(writes)
 
 
 def ablated_lds(lm, ids: tuple, answers: tuple[int, int], rows_targets: list[list[Target]], method: str,

@@ -86,30 +86,20 @@ def _validate(lm, tp: TokenizedPair, patches: list[Patch]) -> None:
 
 
 def _interventions(patches: list[Patch], source: dict, source_len: int, target_len: int) -> list[engine.Intervention]:
-    groups: dict = {}
+    """Row r of the target batch gets patch r: each cell's source activation written at its position."""
+    writes = []
     for row, patch in enumerate(patches):
         for cell in patch:
-            kind = (cell.site, cell.layer, cell.pos is None, cell.head is not None)
-            g = groups.setdefault(kind, {"rows": [], "pos": [], "heads": [], "values": []})
             act = source[(cell.site, cell.layer)]  # [pos, d] or [pos, head, d_head]
             if cell.pos is None:
                 src = act if cell.head is None else act[:, cell.head]
+                writes.append(engine.Write(cell.site, cell.layer, row, None, cell.head, src))
             else:
                 src_pos = source_len - 1 if cell.pos == LAST else cell.pos
                 src = act[src_pos] if cell.head is None else act[src_pos, cell.head]
-                g["pos"].append(target_len - 1 if cell.pos == LAST else cell.pos)
-            g["rows"].append(row)
-            g["heads"].append(cell.head)
-            g["values"].append(src)
-    out = []
-    for (site, layer, all_pos, has_head), g in groups.items():
-        out.append(engine.Intervention(
-            site=site, layer=layer, rows=torch.tensor(g["rows"], device=HOST),
-            pos=None if all_pos else torch.tensor(g["pos"], device=HOST),
-            heads=torch.tensor(g["heads"], device=HOST) if has_head else None,
-            value=torch.stack(g["values"])))
-    return out
-
+                pos = target_len - 1 if cell.pos == LAST else cell.pos
+                writes.append(engine.Write(cell.site, cell.layer, row, pos, cell.head, src))
+    return engine.interventions(writes)
 
 
 def patched_logit_diffs(lm, tp: TokenizedPair, patches: list[Patch], direction: str = "denoise",

@@ -15,7 +15,7 @@ import torch
 
 from explorer.core.adapters import SITE_ORDER, get_path
 from explorer.core.errors import ExplorerInputError
-from explorer.core.runtime import to_host, to_model
+from explorer.core.runtime import HOST, to_host, to_model
 
 
 # transformers 5.24 renames past_key_values to `cache`, a keyword nnsight's trace keeps for itself.
@@ -46,6 +46,47 @@ class Intervention:
     @property
     def order(self) -> tuple[int, int]:
         return (self.layer, SITE_ORDER[self.site])
+
+
+@dataclass(frozen=True)
+class Write:
+    """One cell of one batch row to overwrite: the unit analyses speak in before grouping.
+
+    pos None writes every position (value [pos, d]); head selects a head's slice of head_out.
+    value: a tensor, or a float written as is (0.0 for zero ablation); copy_from: (row, pos) of the
+    same site in this same pass to copy from instead (a source prompt riding in the batch).
+    """
+
+    site: str
+    layer: int
+    row: int
+    pos: int | None
+    head: int | None = None
+    value: torch.Tensor | float | None = None
+    copy_from: tuple[int, int] | None = None
+
+
+def interventions(writes) -> list[Intervention]:
+    """Group writes into as few Interventions as the engine can apply: one per site, layer, position
+    kind (one or all), head kind and value kind (tensor, scalar, copy), rows stacked in order."""
+    groups: dict = {}
+    for w in writes:
+        if w.copy_from is not None:
+            kind = ("copy",)
+        elif torch.is_tensor(w.value):
+            kind = ("tensor",)
+        else:
+            kind = ("scalar", float(w.value))
+        key = (w.site, w.layer, w.pos is None, w.head is not None, kind)
+        groups.setdefault(key, []).append(w)
+    out = []
+    for (site, layer, all_pos, has_head, kind), ws in groups.items():
+        long = lambda xs: torch.tensor(xs, dtype=torch.long, device=HOST)  # noqa: E731
+        value = torch.stack([w.value for w in ws]) if kind[0] == "tensor" else kind[1] if kind[0] == "scalar" else 0.0
+        copy = None if kind[0] != "copy" else (long([w.copy_from[0] for w in ws]), long([w.copy_from[1] for w in ws]))
+        out.append(Intervention(site, layer, long([w.row for w in ws]), None if all_pos else long([w.pos for w in ws]),
+                                value, long([w.head for w in ws]) if has_head else None, copy_from=copy))
+    return out
 
 
 def _as_tensor(out):

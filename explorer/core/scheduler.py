@@ -232,17 +232,11 @@ def _one_pass_lds(lm, rows: list[_Row], src_ids: tuple, tgt_ids: tuple, shared: 
         mask = _additive_mask(allowed, lm.torch_model.dtype)
         ids = torch.tensor(list(tgt_ids) + list(src_ids[shared:]) + [t for r in chunk for t in tgt_ids[r.first:]],
                            device=HOST)[None]
-        groups: dict = {}
-        for j, row in enumerate(chunk):
-            g = groups.setdefault((row.cell.site, row.cell.layer, row.cell.head is not None), ([], [], []))
-            g[0].extend(int(offsets[j]) + p - row.first for p in row.positions)
-            g[1].extend(n_tgt + p - shared if p >= shared else p for p in row.sources)
-            g[2].extend([row.cell.head] * len(row.positions))
-        zeros = lambda n: torch.zeros(n, dtype=torch.long, device=HOST)  # batch row 0: one packed sequence
-        ivs = [engine.Intervention(site, layer, zeros(len(g[0])), torch.tensor(g[0], device=HOST), 0.0,
-                                   torch.tensor(g[2], device=HOST) if has_head else None,
-                                   copy_from=(zeros(len(g[1])), torch.tensor(g[1], device=HOST)))
-               for (site, layer, has_head), g in groups.items()]
+        # Batch row 0 is the one packed sequence: each patched row copies from the source segment.
+        ivs = engine.interventions(
+            engine.Write(row.cell.site, row.cell.layer, 0, int(offsets[j]) + p - row.first, row.cell.head,
+                         copy_from=(0, n_tgt + s - shared if s >= shared else s))
+            for j, row in enumerate(chunk) for p, s in zip(row.positions, row.sources))
         keep = torch.cat([torch.tensor([n_tgt - 1], device=HOST), offsets + lengths - 1])
         options = engine.PassOptions(keep=keep, attention_mask=mask, position_ids=positions[None], answers=answers)
         logits = engine.run(lm, ids, ivs, options=options).logits
@@ -337,18 +331,8 @@ def _run_pass(lm, chunk: list[_Row], tgt_ids: torch.Tensor, target: dict, full_k
         for index, (keys, values) in enumerate(full_kv):
             cache.update(keys[..., :n_past, :].expand(batch, -1, -1, -1).contiguous(),
                          values[..., :n_past, :].expand(batch, -1, -1, -1).contiguous(), index)
-    groups: dict = {}
-    for j, row in enumerate(chunk):
-        g = groups.setdefault((row.cell.site, row.cell.layer, row.cell.head is not None), ([], [], [], []))
-        for p, value in zip(row.positions, row.values):
-            b, q = where(j, p)
-            g[0].append(b)
-            g[1].append(q)
-            g[2].append(row.cell.head)
-            g[3].append(value)
-    ivs = [engine.Intervention(site, layer, torch.tensor(g[0], device=HOST), torch.tensor(g[1], device=HOST),
-                               torch.stack(g[3]), torch.tensor(g[2], device=HOST) if has_head else None)
-           for (site, layer, has_head), g in groups.items()]
+    ivs = engine.interventions(engine.Write(row.cell.site, row.cell.layer, *where(j, p), row.cell.head, value)
+                               for j, row in enumerate(chunk) for p, value in zip(row.positions, row.values))
     skip_value = None
     if start > 0:  # a fresh copy: patches at resid_pre[start] write into it in place
         skip_value = target[("resid_post", start - 1)][positions][None].expand(batch, -1, -1).clone()
