@@ -24,6 +24,7 @@ from explorer.core.adapters import HEAD_LABEL
 from explorer.core.cache import get_activations
 from explorer.analyses.dataset import pair_baselines
 from explorer.core.errors import ExplorerInputError
+from explorer.core import positions as positions_
 from explorer.core.metrics import RELATIVE_DROP_FORMULA, SHIFT_FORMULA, logit_diff
 from explorer.core.prompts import PromptPair, TokenizedPair, tokenize_pair
 from explorer.core.runtime import HOST
@@ -78,19 +79,6 @@ def _check_method(method: str) -> None:
         raise ExplorerInputError(f"Ablation method must be one of {', '.join(METHODS)}, not {method!r}.")
 
 
-def _positions(positions, n_pos: int) -> list[int] | None:
-    """None = all positions; else a list of positions in this run."""
-    if positions in ("all", None):
-        return None
-    if positions == "last":
-        return [n_pos - 1]
-    pos = [int(p) for p in positions]
-    for p in pos:
-        if not 0 <= p < n_pos:
-            raise ExplorerInputError(f"Position {p} is out of range: this prompt has positions 0..{n_pos - 1}.")
-    return pos
-
-
 class Reference:
     """Where mean and resample ablations get their values: a list of reference prompts."""
 
@@ -133,7 +121,7 @@ class Reference:
 def _interventions(rows_targets: list[list[Target]], method: str, positions, n_pos: int, ids: tuple,
                    reference: Reference | None, draw_base: int = 0) -> list[engine.Intervention]:
     """One intervention per (site, layer, head?) group; row r ablates rows_targets[r]."""
-    pos = _positions(positions, n_pos)
+    pos = positions_.indices(positions, n_pos)
     writes = []
     for row, targets in enumerate(rows_targets):
         for t in targets:

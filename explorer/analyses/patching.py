@@ -23,7 +23,9 @@ from explorer.core.errors import ExplorerInputError
 from explorer.core.metrics import logit_diff, metric_formula, metric_name, patch_effect
 from explorer.core.prompts import TokenizedPair
 from explorer.core.runtime import HOST
-from explorer.core.scheduler import LAST, Cell, Patch  # noqa: F401  (the patch vocabulary, re-exported)
+from explorer.core import positions as positions_
+from explorer.core.positions import LAST
+from explorer.core.scheduler import Cell, Patch  # noqa: F401  (the patch vocabulary, re-exported)
 
 DIRECTIONS = ("denoise", "noise")
 
@@ -49,7 +51,7 @@ class PatchResult:
     @property
     def title(self) -> str:
         """Every chart says site, positions, direction and metric (seed mistake 2)."""
-        where = {"each": "each position", "last": "last position only", "all": "all positions at once"}[self.positions]
+        where = positions_.describe(self.positions)
         arrow = "clean → corrupted run (denoise)" if self.direction == "denoise" else "corrupted → clean run (noise)"
         return f"{self.site} patched at {where}, {arrow}: {self.metric}"
 
@@ -162,16 +164,10 @@ def run_patches(lm, tp: TokenizedPair, patches: list[Patch], labels: list[dict],
 
 # ---- named variants: each only says which cells make up the sweep ----
 
-def _positions(tp: TokenizedPair, positions: str) -> list[int | None]:
-    if positions == "each":
-        tp.require_same_length("Per-position patching")
-        return list(range(tp.n_pos))
-    if positions == "last":
-        return [LAST]
-    if positions == "all":
-        tp.require_same_length("All-position patching")
-        return [None]
-    raise ExplorerInputError(f"positions must be each, last or all, not {positions!r}.")
+def _positions(tp: TokenizedPair, positions: str) -> list:
+    if positions not in positions_.MODES:
+        raise ExplorerInputError(f"positions must be each, last or all, not {positions!r}.")
+    return positions_.cells(positions, tp)
 
 
 def _layers(lm, layers: Iterable[int] | None) -> list[int]:

@@ -18,11 +18,11 @@ from explorer.core import budget, calibration, engine
 from explorer.core.adapters import LINEAR
 from explorer.core.cache import get_activations
 from explorer.core.errors import ExplorerInputError
+from explorer.core.positions import LAST
 from explorer.core.prompts import TokenizedPair
 from explorer.core.runtime import HOST, to_model
 from explorer.core.metrics import logit_diff
 
-LAST = -1  # position sentinel: the last position of each run (works for unequal lengths)
 TOKEN_BUDGET = 8192  # at most this many batch rows x positions per traced pass (the memory budget may say fewer)
 
 

@@ -39,12 +39,8 @@ def _ablation_args(p):
 
 
 def _positions_arg(text: str):
-    if text in ("all", "last"):
-        return text
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ExplorerInputError(f"--positions must be all, last or comma-separated integers, not {text!r}.") from None
+    from explorer.core.positions import parse
+    return parse(text, allowed=("all", "last"), name="--positions")
 
 
 def build_parser() -> argparse.ArgumentParser:
