@@ -113,11 +113,13 @@ def drill_down(lm, tp, direction, metric, labels, event) -> None:
     head, pos = int(best["head"]), int(best["pos"])
     st.markdown(f"Strongest head cell: **{best['head_label']}** at position {pos} "
                 f"({labels[pos]}), {metric} = {best[metric]:+.3f}.")
-    links = (("pages/6_Attention.py", "Attention pattern", {"attention.heads": f"{layer}.{head}", "attention.pos": pos}),
-             ("pages/4_DLA.py", "Direct logit attribution", {"dla.layer": layer, "dla.head": head}))
-    for col, (page, text, query) in zip(st.columns(2), links):
-        col.page_link(page, label=f"{text} of {best['head_label']} from position {pos}",
-                      query_params=state.url_params(**query))
+    # The layer's strongest heads at the strongest cell's position, strongest first.
+    at_pos = heads.frame[heads.frame["pos"] == pos]
+    top = [int(h) for h in at_pos.reindex(at_pos[metric].abs().sort_values(ascending=False).index)["head"][:3]]
+    c1, c2 = st.columns(2)
+    widgets.attention_link(c1, lm, [(layer, h) for h in top], pos, f"top |{metric}| heads there")
+    c2.page_link("pages/4_DLA.py", label=f"Direct logit attribution of {best['head_label']}",
+                 query_params=state.url_params(**{"dla.layer": layer, "dla.head": head}))
 
 
 def over_a_prompt_set(lm, site, direction, metric) -> None:

@@ -33,6 +33,9 @@ def main(lm, tp) -> None:
                 "residual add), so only the per-layer view is shown.")
         widgets.stop()
     st.altair_chart(charts.heatmap(heads, "head", "layer", "dla", res.title + ": per head", select=False))
+    top = heads.reindex(heads["dla"].abs().sort_values(ascending=False).index).head(3)
+    widgets.attention_link(st, lm, [(int(r.layer), int(r.head)) for r in top.itertuples()], tp.n_pos - 1,
+                           "top |DLA| heads; DLA reads the last position")
 
     st.subheader("One head")
     layer, head = widgets.head_picker(lm)

@@ -1,11 +1,12 @@
-"""Attention patterns of chosen heads from a chosen query position (default: where patching found the effect)."""
+"""Attention patterns of chosen heads: the query x key heatmap per head, and one query row on both runs
+(the query position defaults to where patching found the effect)."""
 import altair as alt
 import streamlit as st
 
-from explorer.analyses.attention import attention_from
+from explorer.analyses.attention import attention_from, attention_grid
 from explorer.core.errors import ExplorerInputError
 from explorer.analyses.patching import parse_heads
-from explorer.surfaces.ui import state, widgets
+from explorer.surfaces.ui import charts, state, widgets
 
 
 def main(lm, tp) -> None:
@@ -17,11 +18,17 @@ def main(lm, tp) -> None:
                                  "largest.")
     st.caption(f"Query token: {tp.position_labels()[query]}. Patching effects at other positions are not explained "
                "by the last position's attention: check the patching view for where this head matters.")
+    run = widgets.choice(st, "Run for the heatmaps", "run", ["clean", "corrupted"], horizontal=True, widget=st.radio)
     try:
-        res = attention_from(lm, tp, parse_heads(text, lm.arch), query)
+        heads = parse_heads(text, lm.arch)
+        n_run = len(tp.clean_ids if run == "clean" else tp.corrupted_ids)
+        grid = attention_grid(lm, tp, heads, run, query if query < n_run else None)
+        res = attention_from(lm, tp, heads, query)
     except ExplorerInputError as exc:
         state.show_error(exc)
         widgets.stop()
+    st.altair_chart(charts.attention_heatmaps(grid.frame, grid.title, grid.query_pos))
+    st.subheader(f"Query row {query}, both runs")
     chart = alt.Chart(res.frame).mark_bar().encode(
         x=alt.X("key_token:N", sort=None, title="key position:token (clean run tokens)",
                 axis=alt.Axis(labelAngle=-60)),

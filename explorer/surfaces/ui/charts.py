@@ -49,3 +49,25 @@ def line(frame: pd.DataFrame, x: str, y: str, color: str, title: str, subtitle: 
     return alt.Chart(frame).mark_line(point=True).encode(
         x=alt.X(f"{x}:O"), y=alt.Y(f"{y}:Q"), color=alt.Color(f"{color}:N"),
         tooltip=list(frame.columns)).properties(title=alt.TitleParams(title, subtitle=subtitle or ""), height=280)
+
+
+def attention_heatmaps(frame: pd.DataFrame, title: str, query_pos: int = -1, columns: int = 3,
+                       cell: int = 16) -> alt.Chart:
+    """Query x key attention weights, one heatmap per head side by side (frame: head_label, query_pos,
+    query_token, key_pos, key_token, weight); token labels on both axes, the exact weight on hover.
+    The row of `query_pos` (where patching found the effect) is outlined."""
+    order = list(dict.fromkeys(frame.sort_values("key_pos")["key_token"]))
+    x = alt.X("key_token:N", sort=order, title="key (attended to)",
+              axis=alt.Axis(labelAngle=-60, labelLimit=120, labelOverlap=False))
+    y = alt.Y("query_token:N", sort=order, title="query (attending)", axis=alt.Axis(labelLimit=120, labelOverlap=False))
+    base = alt.Chart().encode(x=x, y=y)
+    rects = base.mark_rect().encode(
+        color=alt.Color("weight:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), title="weight"),
+        tooltip=["head_label:N", "query_token:N", "key_token:N", alt.Tooltip("weight:Q", format=".4f")])
+    marked = base.transform_filter(alt.datum.query_pos == query_pos).mark_rect(
+        fill=None, stroke="#d62728", strokeWidth=1.5)
+    n = len(order)
+    return alt.layer(rects, marked, data=frame).properties(width=cell * n, height=cell * n).facet(
+        facet=alt.Facet("head_label:N", title=None, sort=list(dict.fromkeys(frame["head_label"]))),
+        columns=columns).properties(title=alt.TitleParams(title, subtitle=(
+            f"Outlined: query row {query_pos}." if query_pos >= 0 else "")))

@@ -132,6 +132,15 @@ def nav_links(container) -> None:
             st.page_link(path, label=label, icon=icon, query_params=params)
 
 
+def attention_link(container, lm, heads: list[tuple[int, int]], pos: int, where: str) -> None:
+    """A link to the Attention page with `heads` and the query position `pos` preset: views that find
+    an effect (patching, DLA) open the heads' patterns where the effect is, not at a default position."""
+    labels = ", ".join(lm.arch.head_label(l, h) for l, h in heads)
+    container.page_link("pages/6_Attention.py", label=f"Attention of {labels} from position {pos} ({where})",
+                        icon=":material/visibility:", query_params=state.url_params(
+                            **{"attention.heads": ",".join(f"{l}.{h}" for l, h in heads), "attention.pos": pos}))
+
+
 class PageStopped(Exception):
     """Ends a page's body early; unlike st.stop(), the run still writes the URL and the page links."""
 
