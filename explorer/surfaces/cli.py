@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "prepare"])
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true")
+    _story_parser(sub)
     return parser
 
 
@@ -320,8 +321,40 @@ def cmd_models(args) -> dict:
     return {"prepared": "smollm2", "folder": str(folder)}
 
 
+# ---- stories: `story export STORY --out talk.html` ----
+def _story_parser(sub) -> None:
+    p = sub.add_parser("story", help="export a story (a JSON/TOML list of views) as one offline HTML file")
+    p.add_argument("action", choices=["export"])
+    p.add_argument("story", help="a story file, or the name of one under stories/")
+    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--png-dir", default=None, help="also write one PNG per step into this folder")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON on stdout")
+
+
+def cmd_story(args) -> dict:
+    from pathlib import Path
+    from explorer.sources.models import load_model
+    from explorer.surfaces.stories import STORIES_DIR, export_html, load_story
+    path = Path(args.story)
+    if not path.exists() and (STORIES_DIR / path.name).exists():
+        path = STORIES_DIR / path.name
+    story = load_story(path)
+    bar = _ProgressBar("story")
+    try:
+        out = export_html(story, args.out, png_dir=args.png_dir, progress=bar,
+                          load_model=lambda name, **kw: load_model(name, threads=args.threads, **kw))
+    finally:
+        bar.close()
+    if not args.json:
+        print(f"{story.title}: {len(story.steps)} steps written to {out}"
+              + (f", one PNG per step in {args.png_dir}" if args.png_dir else ""))
+    return {"story": story.title, "steps": len(story.steps), "out": str(out), "png_dir": args.png_dir}
+
+
 COMMANDS = {"baseline": cmd_baseline, "patch": cmd_patch, "ablate": cmd_ablate, "attribute": cmd_attribute,
-            "dla": cmd_dla, "lens": cmd_lens, "run": cmd_run, "models": cmd_models}
+            "dla": cmd_dla, "lens": cmd_lens, "run": cmd_run, "models": cmd_models,
+            "story": cmd_story}
 
 
 def main(argv=None) -> int:

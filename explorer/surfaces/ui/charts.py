@@ -51,6 +51,39 @@ def line(frame: pd.DataFrame, x: str, y: str, color: str, title: str, subtitle: 
         tooltip=list(frame.columns)).properties(title=alt.TitleParams(title, subtitle=subtitle or ""), height=280)
 
 
+def answer_logits(frame: pd.DataFrame, title: str) -> alt.Chart:
+    """Baseline: each answer's logit on each run (frame: run, answer, token, logit, prob)."""
+    return alt.Chart(frame).mark_bar().encode(
+        x=alt.X("run:N", title=None), y=alt.Y("logit:Q", title="logit at the last position"),
+        color=alt.Color("answer:N"), xOffset="answer:N", tooltip=list(frame.columns),
+    ).properties(title=title, width=260, height=260)
+
+
+def ablation_bars(frame: pd.DataFrame, title: str) -> alt.Chart:
+    """Ablation shift per target on both runs, each against its own run's baseline."""
+    return alt.Chart(frame).mark_bar().encode(
+        x=alt.X("run:N", title=None), y=alt.Y("shift:Q", title="shift = LD_ablated(R) − LD(R)"),
+        color=alt.Color("run:N", scale=alt.Scale(domain=["clean", "corrupted"], range=["#1f77b4", "#d62728"])),
+        column=alt.Column("target:N", title=None), tooltip=list(frame.columns),
+    ).properties(width=110, height=240, title=title)
+
+
+def dla_components(frame: pd.DataFrame, title: str) -> alt.Chart:
+    """DLA of the embedding, each layer's attention and MLP (or block) and the bias terms."""
+    return alt.Chart(frame).mark_bar().encode(
+        x=alt.X("component:N", sort=list(frame["component"])), y=alt.Y("dla:Q", title="DLA to LD"),
+        color="kind:N", tooltip=list(frame.columns)).properties(title=title, height=280)
+
+
+def attention_bars(frame: pd.DataFrame, title: str) -> alt.Chart:
+    """One attention row per head (frame: run, head_label, key_token, weight), clean and corrupted side by side."""
+    return alt.Chart(frame).mark_bar().encode(
+        x=alt.X("key_token:N", sort=None, title="key position:token (clean run tokens)", axis=alt.Axis(labelAngle=-60)),
+        y=alt.Y("weight:Q", title="attention weight"), color="run:N", xOffset="run:N",
+        row=alt.Row("head_label:N", title=None), tooltip=list(frame.columns),
+    ).properties(width=900, height=180, title=title)
+
+
 def attention_heatmaps(frame: pd.DataFrame, title: str, query_pos: int = -1, columns: int = 3,
                        cell: int = 16) -> alt.Chart:
     """Query x key attention weights, one heatmap per head side by side (frame: head_label, query_pos,
