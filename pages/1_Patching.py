@@ -70,7 +70,8 @@ def main(lm, tp) -> None:
     event = st.altair_chart(chart, on_select="rerun", key="patch_chart")
     widgets.export_buttons(res.frame, f"patching_{site}_{positions}_{direction}",
                            {"title": res.title, "formula": res.formula, "ld_clean": res.ld_clean,
-                            "ld_corrupted": res.ld_corrupted, "model": lm.describe()})
+                            "ld_corrupted": res.ld_corrupted, "model": lm.describe(), "site": site,
+                            "positions": positions, "direction": direction, "metric": metric}, chart=chart)
     drill_down(lm, tp, direction, metric, labels, event)
     over_a_prompt_set(lm, site, direction, metric)
     head_set(lm, tp, direction, metric)
@@ -161,7 +162,8 @@ def over_a_prompt_set(lm, site, direction, metric) -> None:
     st.dataframe(top, hide_index=True)
     widgets.export_buttons(set_res.per_pair, f"patching_set_{site}_{set_positions}_{direction}",
                            {"title": set_res.title, "prompt_set": set_name, "sha256": ps.sha256,
-                            "skipped": skipped, "model": lm.describe()})
+                            "skipped": skipped, "model": lm.describe(), "site": site, "positions": set_positions,
+                            "direction": direction, "metric": f"mean {metric}"}, chart=set_chart)
 
 
 def head_set(lm, tp, direction, metric) -> None:
@@ -204,10 +206,14 @@ def path_patching(lm, tp) -> None:
     except ExplorerInputError as exc:
         state.show_error(exc)
         return
-    st.altair_chart(charts.heatmap(path_res.frame, "head", "layer", "recovery",
-                                   f"Path patching, sender head_out (all positions) → {receiver_text}, "
-                                   "clean → corrupted run (denoise): recovery", select=False))
-    widgets.export_buttons(path_res.frame, "path_patching", {"receiver": receiver_text, "formula": path_res.formula})
+    path_chart = charts.heatmap(path_res.frame, "head", "layer", "recovery",
+                                f"Path patching, sender head_out (all positions) → {receiver_text}, "
+                                "clean → corrupted run (denoise): recovery", select=False)
+    st.altair_chart(path_chart)
+    widgets.export_buttons(path_res.frame, "path_patching", {"receiver": receiver_text, "formula": path_res.formula,
+                                                             "site": f"head_out → {receiver_text}", "positions": "all",
+                                                             "direction": "denoise", "metric": "recovery"},
+                           chart=path_chart)
 
 
 widgets.run_page("Activation patching", "patching", main)

@@ -76,7 +76,10 @@ def main(lm, tp) -> None:
                     f"of its LD ({clean.loc[target, 'ld_run']:+.2f} → {clean.loc[target, 'ld_ablated']:+.2f}); "
                     f"corrupted run shifts by {corr.loc[target, 'shift']:+.2f} from its own baseline "
                     f"({corr.loc[target, 'ld_run']:+.2f} → {corr.loc[target, 'ld_ablated']:+.2f}).")
-    widgets.export_buttons(frame, f"ablation_{method}", {"title": res.title, "formula": res.shift_formula})
+    widgets.export_buttons(frame, f"ablation_{method}", {"title": res.title, "formula": res.shift_formula,
+                                                         "site": text, "positions": str(positions),
+                                                         "direction": f"{method} ablation", "metric": "shift"},
+                           chart=chart)
 
     st.subheader("Over a prompt set")
     with st.form("set_ablation"):
@@ -127,6 +130,9 @@ def main(lm, tp) -> None:
             title="Per-pair distribution of the clean-run drop, headline vs control", height=240)
         st.altair_chart(hist, width="stretch")
         st.dataframe(per, hide_index=True)
+        widgets.export_buttons(per, f"ablation_set_{method}", {"title": "Per-pair drop", "prompt_set": set_name,
+                                                               "site": text, "direction": f"{method} ablation",
+                                                               "metric": "drop_clean"}, chart=hist)
         card = result.run_card(lm, ps.path, ps.sha256)
         st.download_button("Run card (JSON)", json.dumps(card, indent=1, default=float), file_name="run_card.json",
                            mime="application/json")

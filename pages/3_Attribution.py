@@ -18,13 +18,17 @@ def main(lm, tp) -> None:
     site = widgets.choice(st, "Site", "site", ATTR_SITES, default="head_out")
     if site == "head_out":
         table = res.table("head_out", per_position=False)
-        st.altair_chart(charts.heatmap(table, "head", "layer", "estimate",
-                                       "Attribution estimate, head_out at all positions, clean → corrupted "
-                                       "(denoise): recovery estimate", select=False))
+        estimate_chart = charts.heatmap(table, "head", "layer", "estimate",
+                                        "Attribution estimate, head_out at all positions, clean → corrupted "
+                                        "(denoise): recovery estimate", select=False)
     else:
-        st.altair_chart(charts.heatmap(res.table(site), "pos", "layer", "estimate",
-                                       f"Attribution estimate, {site} at each position, denoise: recovery estimate",
-                                       x_labels=tp.position_labels(), select=False))
+        table = res.table(site)
+        estimate_chart = charts.heatmap(table, "pos", "layer", "estimate",
+                                        f"Attribution estimate, {site} at each position, denoise: recovery estimate",
+                                        x_labels=tp.position_labels(), select=False)
+    st.altair_chart(estimate_chart)
+    widgets.export_buttons(table, f"attribution_{site}", {"formula": res.formula, "site": site, "direction": "denoise",
+                                                          "metric": "recovery estimate"}, chart=estimate_chart)
 
     st.subheader("Estimate vs exact patching")
     progress = widgets.progress_callback("Exact patching")
@@ -37,6 +41,9 @@ def main(lm, tp) -> None:
         title=f"{site}: attribution estimate vs exact denoising recovery (Spearman ρ = {rho:.3f})", height=360)
     line = alt.Chart(merged).mark_line(color="grey", strokeDash=[4, 4]).encode(x="exact:Q", y="exact:Q")
     st.altair_chart(scatter + line, width="stretch")
+    widgets.export_buttons(merged, f"attribution_vs_exact_{site}", {"site": site, "direction": "denoise",
+                                                                    "metric": "recovery", "spearman": rho},
+                           chart=scatter + line)
     st.metric("Spearman rank correlation", f"{rho:.3f}")
 
     st.subheader("Ranked head candidates")

@@ -23,16 +23,22 @@ def main(lm, tp) -> None:
         st.warning("The components do not sum to the true LD; this model's final norm is not reproduced by the "
                    "linearisation.")
     layers = res.frame[res.frame["kind"].isin(["embed", "attn", "mlp", "block", "bias"])]
-    st.altair_chart(alt.Chart(layers).mark_bar().encode(
+    layers_chart = alt.Chart(layers).mark_bar().encode(
         x=alt.X("component:N", sort=list(layers["component"])), y=alt.Y("dla:Q", title="DLA to LD"),
         color="kind:N", tooltip=list(layers.columns)).properties(
-        title=res.title + ": embedding, attention and MLP per layer", height=280), width="stretch")
+        title=res.title + ": embedding, attention and MLP per layer", height=280)
+    st.altair_chart(layers_chart, width="stretch")
+    meta = {"formula": res.formula, "ld_true": res.ld_true, "ld_sum": res.ld_sum, "positions": "last",
+            "direction": f"{run} run", "metric": "dla"}
+    widgets.export_buttons(layers, f"dla_layers_{run}", meta, chart=layers_chart)
     heads = res.frame[res.frame["kind"] == "head"]
     if heads.empty:
         st.info("Per-head DLA is not additive for this family (the attention output is normalised before the "
                 "residual add), so only the per-layer view is shown.")
         widgets.stop()
-    st.altair_chart(charts.heatmap(heads, "head", "layer", "dla", res.title + ": per head", select=False))
+    heads_chart = charts.heatmap(heads, "head", "layer", "dla", res.title + ": per head", select=False)
+    st.altair_chart(heads_chart)
+    widgets.export_buttons(heads, f"dla_heads_{run}", meta, chart=heads_chart)
     top = heads.reindex(heads["dla"].abs().sort_values(ascending=False).index).head(3)
     widgets.attention_link(st, lm, [(int(r.layer), int(r.head)) for r in top.itertuples()], tp.n_pos - 1,
                            "top |DLA| heads; DLA reads the last position")

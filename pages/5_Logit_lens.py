@@ -8,8 +8,10 @@ from explorer.surfaces.ui import charts, widgets
 def main(lm, tp) -> None:
     res = logit_lens(lm, tp)
     st.caption(res.formula)
-    st.altair_chart(charts.line(res.frame, "layer", "ld", "run", res.title, subtitle="layer −1 = embedding"),
-                    width="stretch")
+    chart = charts.line(res.frame, "layer", "ld", "run", res.title, subtitle="layer −1 = embedding")
+    st.altair_chart(chart, width="stretch")
+    widgets.export_buttons(res.frame, "logit_lens", {"formula": res.formula, "site": "resid_post", "positions": "last",
+                                                     "metric": "ld"}, chart=chart)
     st.dataframe(res.frame, hide_index=True, width="stretch")
 
 

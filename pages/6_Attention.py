@@ -27,7 +27,11 @@ def main(lm, tp) -> None:
     except ExplorerInputError as exc:
         state.show_error(exc)
         widgets.stop()
-    st.altair_chart(charts.attention_heatmaps(grid.frame, grid.title, grid.query_pos))
+    grid_chart = charts.attention_heatmaps(grid.frame, grid.title, grid.query_pos)
+    st.altair_chart(grid_chart)
+    widgets.export_buttons(grid.frame, f"attention_heatmaps_{run}", {"title": grid.title, "site": "attn_pattern",
+                                                                     "positions": "all", "metric": "attention weight"},
+                           chart=grid_chart)
     st.subheader(f"Query row {query}, both runs")
     chart = alt.Chart(res.frame).mark_bar().encode(
         x=alt.X("key_token:N", sort=None, title="key position:token (clean run tokens)",
@@ -36,6 +40,9 @@ def main(lm, tp) -> None:
         row=alt.Row("head_label:N", title=None), tooltip=list(res.frame.columns),
     ).properties(width=900, height=180, title=res.title)
     st.altair_chart(chart)
+    widgets.export_buttons(res.frame, f"attention_query{query}", {"title": res.title, "site": "attn_pattern",
+                                                                  "positions": f"query {query}",
+                                                                  "metric": "attention weight"}, chart=chart)
     st.dataframe(res.frame, hide_index=True)
 
 

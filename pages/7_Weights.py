@@ -21,9 +21,12 @@ def main(lm, _tp) -> None:
                                  f"tokens:{pair.clean_answer},{pair.corrupted_answer}",
                                  f"{pair.clean_answer},{pair.corrupted_answer}", url=False)
         matrix = ov_token_matrix(lm, layer, head, [t for t in tokens.split(",") if t])
-        st.altair_chart(charts.heatmap(matrix, "output_token", "input_token", "logit",
-                                       f"L{layer}H{head} OV: logit of each output token when attending to each "
-                                       "input token", select=False))
+        ov_chart = charts.heatmap(matrix, "output_token", "input_token", "logit",
+                                  f"L{layer}H{head} OV: logit of each output token when attending to each "
+                                  "input token", select=False)
+        st.altair_chart(ov_chart)
+        widgets.export_buttons(matrix, f"ov_tokens_L{layer}H{head}", {"site": f"L{layer}H{head} OV", "metric": "logit"},
+                               chart=ov_chart)
     except ExplorerInputError as exc:
         state.show_error(exc)
 

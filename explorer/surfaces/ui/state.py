@@ -210,6 +210,15 @@ def _load(model: str, device: str, dtype: str, trust_remote_code: bool):
     return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
+def shared_model(model: str, device: str = "auto", dtype: str = "float32"):
+    """A model another view names (a story step), from the same process-wide cache as the session's
+    model; only the bundled and prepared models or a folder typed in this session, as for links."""
+    if not allowed_model(model, store().typed_models):
+        raise ExplorerInputError(f"This story names the model {model!r}, which the app does not load from a story "
+                                 "(only the bundled and prepared models, or a folder you typed in this session).")
+    return _load(model, device, dtype, False)
+
+
 def current_model():
     """The shared LoadedModel (one per process; its lock serialises traces across sessions).
     After a model change, a pair that does not fit the new tokenizer is replaced by that model's

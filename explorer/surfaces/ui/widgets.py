@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +9,7 @@ import streamlit as st
 
 from explorer.core.errors import ExplorerInputError
 from explorer.core.runtime import REPO_ROOT
-from explorer.surfaces.ui import state
+from explorer.surfaces.ui import sharing, state
 
 PROMPTS_DIR = REPO_ROOT / "prompts"
 
@@ -116,7 +115,8 @@ PAGES = [("app.py", "Home", ":material/home:", None),
          ("pages/4_DLA.py", "DLA", ":material/bar_chart:", "Readouts"),
          ("pages/5_Logit_lens.py", "Logit lens", ":material/stacked_line_chart:", "Readouts"),
          ("pages/6_Attention.py", "Attention", ":material/visibility:", "Readouts"),
-         ("pages/7_Weights.py", "Weights", ":material/hub:", "Readouts")]
+         ("pages/7_Weights.py", "Weights", ":material/hub:", "Readouts"),
+         ("pages/9_Story.py", "Story", ":material/slideshow:", "Talks")]
 
 
 def nav_links(container) -> None:
@@ -156,6 +156,7 @@ def run_page(title: str, page: str, body, needs_pair: bool = True, pair_in_sideb
     st.set_page_config(page_title=f"{title} · Circuit Explorer" if page != "home" else title, layout="wide")
     state.begin_page(page)
     nav = st.sidebar.container()   # filled last, when the run's view is known
+    share = st.sidebar.container()  # likewise: the link and the story step need the whole view
     try:
         model_sidebar()
         st.title(title)
@@ -176,6 +177,7 @@ def run_page(title: str, page: str, body, needs_pair: bool = True, pair_in_sideb
     finally:
         state.write_url()
         nav_links(nav)
+        sharing.share_box(share, title)
 
 
 def pair_baseline_caption(lm, tp) -> None:
@@ -304,9 +306,19 @@ def progress_callback(label: str):
     return update
 
 
-def export_buttons(frame: pd.DataFrame, name: str, meta: dict | None = None) -> None:
-    c1, c2 = st.columns(2)
-    c1.download_button("CSV", frame.to_csv(index=False), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}")
-    payload = {"meta": meta or {}, "records": json.loads(frame.to_json(orient="records"))}
-    c2.download_button("JSON", json.dumps(payload, indent=1), file_name=f"{name}.json", mime="application/json",
-                       key=f"json_{name}")
+def export_buttons(frame: pd.DataFrame, name: str, meta: dict | None = None, chart=None) -> None:
+    """Downloads of one view: PNG (2x), SVG and standalone HTML of `chart` (drawn offline by
+    vl-convert only when clicked), CSV and JSON of `frame`, and the run's spec beside the CSV.
+    Every file but the CSV also carries the spec inside it (explorer/surfaces/exports.py)."""
+    from explorer.surfaces import exports
+    spec = sharing.view_spec(meta)
+    files = [("CSV", "csv", "text/csv", lambda: exports.frame_csv(frame)),
+             ("JSON", "json", "application/json", lambda: exports.frame_json(frame, spec, meta)),
+             ("Spec", "spec.json", "application/json", lambda: exports.spec_json(spec))]
+    if chart is not None:
+        files = [("PNG", "png", "image/png", lambda: exports.chart_png(chart, spec)),
+                 ("SVG", "svg", "image/svg+xml", lambda: exports.chart_svg(chart, spec)),
+                 ("HTML", "html", "text/html", lambda: exports.chart_html(chart, spec))] + files
+    for col, (label, suffix, mime, make) in zip(st.columns(len(files)), files):
+        col.download_button(label, make, file_name=f"{name}.{suffix}", mime=mime, key=f"{suffix}_{name}",
+                            on_click="ignore", help=f"{name}.{suffix}")
