@@ -52,7 +52,7 @@ def test_estimate_equals_first_order_effect(llama64):
     for site, layer, pos, head in [("resid_pre", 1, 1, None), ("resid_pre", 0, 1, None), ("mlp_out", 0, 3, None),
                                    ("attn_out", 1, 5, None), ("head_out", 1, None, 2), ("head_out", 0, 4, 1)]:
         fd = finite_difference(lm, tp, site, layer, pos, head)
-        sel = (f.site == site) & (f.layer == layer) & (f.pos == (-1 if pos is None else pos))
+        sel = (f.site == site) & (f.layer == layer) & (f.pos.isna() if pos is None else f.pos == pos)
         if head is not None:
             sel &= f["head"] == head
         assert sel.sum() == 1, (site, layer, pos, head, sel.sum())

@@ -11,7 +11,7 @@ import json
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from explorer.analyses.dataset import pair_baselines
 from explorer.core.errors import ExplorerInputError
 from explorer.core import positions as positions_
 from explorer.core.metrics import RELATIVE_DROP_FORMULA, SHIFT_FORMULA, logit_diff
+from explorer.core.results import Result, make_spec
 from explorer.core.prompts import PromptPair, TokenizedPair, tokenize_pair
 from explorer.core.runtime import HOST
 
@@ -151,12 +152,13 @@ def ablated_lds(lm, ids: tuple, answers: tuple[int, int], rows_targets: list[lis
 
 
 @dataclass(frozen=True)
-class AblationResult:
+class AblationResult(Result):
     frame: pd.DataFrame  # target, run, ld_run, ld_ablated, shift, relative_drop (clean run)
     method: str
     positions: str
     shift_formula: str = SHIFT_FORMULA
     drop_formula: str = RELATIVE_DROP_FORMULA
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
     @property
     def title(self) -> str:
@@ -172,14 +174,15 @@ def ablate_pair(lm, tp: TokenizedPair, targets: list[Target], method: str = "zer
     rows = []
     for run, ids in (("clean", tp.clean_ids), ("corrupted", tp.corrupted_ids)):
         base_logits, _ = get_activations(lm, ids, [])
-        ld_run = float(base_logits[answers[0]] - base_logits[answers[1]])
+        ld_run = float(logit_diff(base_logits, *answers))
         lds = ablated_lds(lm, ids, answers, rows_targets, method, positions, reference)
         for label, ld in zip(labels, lds):
             rows.append({"target": label, "run": run, "ld_run": ld_run, "ld_ablated": float(ld),
                          "shift": float(ld) - ld_run,
                          "relative_drop": (ld_run - float(ld)) / ld_run if run == "clean" and ld_run else np.nan})
     pos_label = positions if isinstance(positions, str) else ",".join(map(str, positions))
-    return AblationResult(pd.DataFrame(rows), method, pos_label)
+    spec = make_spec("ablation", lm, tp, targets=labels, method=method, positions=pos_label)
+    return AblationResult(pd.DataFrame(rows), method, pos_label, spec=spec)
 
 
 # ---------------------------------------------------------------- prompt sets
@@ -251,7 +254,10 @@ def _set_lds(lm, tps: list[TokenizedPair], run: str, targets: list[Target], meth
 
 
 @dataclass
-class SetAblationResult:
+class SetAblationResult(Result):
+    _records = "per_pair"
+    _json_properties = ("warnings",)
+
     per_pair: pd.DataFrame
     metrics: dict
     random_baseline: pd.DataFrame
@@ -259,6 +265,7 @@ class SetAblationResult:
     status: str
     params: dict
     thresholds: Thresholds
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
     @property
     def warnings(self) -> list[str]:
@@ -273,7 +280,7 @@ class SetAblationResult:
             "parameters": self.params, "thresholds": asdict(self.thresholds), "metrics": self.metrics,
             "random_baseline": self.random_baseline.to_dict("records"),
             "status": self.status, "warnings": self.warnings, "checks": self.checks,
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": self.spec,
         }
 
 
@@ -364,7 +371,8 @@ def ablate_set(lm, pairs: list[PromptPair], targets: list[Target], method: str =
               "positions": positions if isinstance(positions, str) else list(positions),
               "reference": "held-out set" if reference_pairs else "clean prompts of the loaded set (headline)",
               "n_random": n_random, "n_boot": n_boot, "seed": seed}
-    return SetAblationResult(per, metrics, random_frame, checks, status, params, thresholds)
+    spec = make_spec("ablation over a prompt set", lm, prompt_set=[p.id for p in pairs], **params)
+    return SetAblationResult(per, metrics, random_frame, checks, status, params, thresholds, spec)
 
 
 def _checks(m: dict, t: Thresholds) -> list[dict]:

@@ -7,7 +7,7 @@ a screen: the page always shows it beside exact patching (seed mistake 9).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -17,6 +17,7 @@ from explorer.core import budget, engine
 from explorer.analyses.baseline import pair_lds
 from explorer.core.cache import get_activations
 from explorer.core.errors import ExplorerInputError
+from explorer.core.results import Result, make_spec, nullable_ints
 from explorer.core.prompts import TokenizedPair
 from explorer.core.runtime import HOST, to_model
 
@@ -25,16 +26,17 @@ ATTR_SITES = ("resid_pre", "attn_out", "mlp_out", "head_out")
 
 
 @dataclass(frozen=True)
-class AttributionResult:
-    frame: pd.DataFrame  # site, layer, pos, head, estimate  (head_out rows per position; pos=-1 sums positions)
+class AttributionResult(Result):
+    frame: pd.DataFrame  # site, layer, pos, head, estimate  (head_out rows per position; pos <NA>: summed over positions)
     ld_clean: float
     ld_corrupted: float
     formula: str = ATTRIBUTION_FORMULA
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
     def table(self, site: str, per_position: bool = True) -> pd.DataFrame:
         f = self.frame[self.frame["site"] == site]
         if site == "head_out":
-            return f[(f["pos"] >= 0) if per_position else (f["pos"] == -1)].reset_index(drop=True)
+            return f[f["pos"].notna() if per_position else f["pos"].isna()].reset_index(drop=True)
         return f.reset_index(drop=True)
 
     def ranked_heads(self, top: int = 20) -> pd.DataFrame:
@@ -80,10 +82,11 @@ def attribution_patching(lm, tp: TokenizedPair, sites=ATTR_SITES, memory_budget_
             for (site, layer), (corr_act, grad) in found.items():
                 rows += _estimates(lm, site, layer, clean[(site, layer)], corr_act, grad, span)
     rows.sort(key=lambda r: (r["layer"], order[r["site"]]))  # the frame's order does not depend on the groups
-    frame = pd.DataFrame(rows)
+    frame = nullable_ints(pd.DataFrame(rows))
     diff = set(tp.differing_positions)
     frame["differs"] = frame["pos"].isin(diff)
-    return AttributionResult(frame, ld_clean, ld_corr)
+    spec = make_spec("attribution patching", lm, tp, sites=list(sites), direction="denoise", metric="estimate")
+    return AttributionResult(frame, ld_clean, ld_corr, spec=spec)
 
 
 def _estimates(lm, site: str, layer: int, clean_act, corr_act, grad, span: float) -> list[dict]:
@@ -95,7 +98,7 @@ def _estimates(lm, site: str, layer: int, clean_act, corr_act, grad, span: float
         per = contrib.sum(-1) / span  # [pos, head]
         for head in range(per.shape[1]):
             label = lm.arch.head_label(layer, head)
-            rows.append({"site": site, "layer": layer, "pos": -1, "head": head, "head_label": label,
+            rows.append({"site": site, "layer": layer, "pos": None, "head": head, "head_label": label,
                          "estimate": float(per[:, head].sum())})
             for pos in range(per.shape[0]):
                 rows.append({"site": site, "layer": layer, "pos": pos, "head": head, "head_label": label,
@@ -103,7 +106,7 @@ def _estimates(lm, site: str, layer: int, clean_act, corr_act, grad, span: float
     else:
         per = contrib.sum(-1) / span
         for pos, value in enumerate(per.tolist()):
-            rows.append({"site": site, "layer": layer, "pos": pos, "head": -1, "head_label": "", "estimate": value})
+            rows.append({"site": site, "layer": layer, "pos": pos, "head": None, "head_label": "", "estimate": value})
     return rows
 
 

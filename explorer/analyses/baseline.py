@@ -1,7 +1,7 @@
 """Baseline numbers for one prompt pair: logit differences, answer probabilities, top tokens."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -9,17 +9,21 @@ import torch
 from explorer.core.cache import get_activations
 from explorer.core.errors import ExplorerInputError
 from explorer.core.metrics import LD_FORMULA, logit_diff
+from explorer.core.results import Result, make_spec
 from explorer.core.prompts import PromptPair, TokenizedPair, show_token, tokenize_pair
 
 
 @dataclass(frozen=True)
-class BaselineResult:
+class BaselineResult(Result):
+    _json_properties = ("span",)
+
     pair: TokenizedPair
     ld_clean: float
     ld_corrupted: float
     answers: pd.DataFrame  # run, answer, token, logit, prob
     top_tokens: pd.DataFrame  # run, rank, token, token_id, prob, logit
     formula: str = LD_FORMULA
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
     @property
     def span(self) -> float:
@@ -64,4 +68,5 @@ def baseline(lm, pair: PromptPair | TokenizedPair, top_k: int = 10) -> BaselineR
             top_rows.append({"run": run, "rank": rank, "token": show_token(lm.tokenizer, tid), "token_id": tid,
                              "prob": p, "logit": float(lg[tid])})
     ld = {run: float(logit_diff(lg, tp.clean_answer_id, tp.corrupted_answer_id)) for run, lg in logits.items()}
-    return BaselineResult(tp, ld["clean"], ld["corrupted"], pd.DataFrame(answer_rows), pd.DataFrame(top_rows))
+    spec = make_spec("baseline", lm, tp, top_k=top_k)
+    return BaselineResult(tp, ld["clean"], ld["corrupted"], pd.DataFrame(answer_rows), pd.DataFrame(top_rows), spec=spec)

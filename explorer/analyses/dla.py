@@ -9,13 +9,14 @@ model's device in float32 (cached activations are moved there); only the frames 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 
 from explorer.core.cache import get_activations
 from explorer.core.errors import ExplorerInputError
+from explorer.core.results import Result, make_spec, nullable_ints
 from explorer.core.prompts import TokenizedPair, show_token, single_token_ids
 from explorer.core.runtime import to_model
 from explorer.core.metrics import logit_diff
@@ -102,13 +103,16 @@ def _additive_blocks(lm) -> bool:
 
 
 @dataclass(frozen=True)
-class DLAResult:
+class DLAResult(Result):
+    _json_properties = ("error", "relative_error")
+
     frame: pd.DataFrame  # component, kind, layer, head, dla
     run: str
     ld_true: float  # LD from the model's own logits (before soft-capping where the model caps)
     ld_sum: float
     norm_check_error: float
     formula: str = DLA_FORMULA
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
     @property
     def error(self) -> float:
@@ -148,24 +152,24 @@ def dla(lm, tp: TokenizedPair, run: str = "clean") -> DLAResult:
     def score(vec):
         return float(norm(vec) @ direction)
 
-    rows = [{"component": "embed", "kind": "embed", "layer": -1, "head": -1, "dla": score(acts[("resid_pre", 0)][-1])}]
+    rows = [{"component": "embed", "kind": "embed", "layer": None, "head": None, "dla": score(acts[("resid_pre", 0)][-1])}]
     for layer in range(L):
         if _additive_blocks(lm):
-            rows.append({"component": f"L{layer} attn", "kind": "attn", "layer": layer, "head": -1,
+            rows.append({"component": f"L{layer} attn", "kind": "attn", "layer": layer, "head": None,
                          "dla": score(acts[("attn_out", layer)][-1])})
-            rows.append({"component": f"L{layer} mlp", "kind": "mlp", "layer": layer, "head": -1,
+            rows.append({"component": f"L{layer} mlp", "kind": "mlp", "layer": layer, "head": None,
                          "dla": score(acts[("mlp_out", layer)][-1])})
         else:
             block = acts[("resid_post", layer)][-1] - acts[("resid_pre", layer)][-1]
-            rows.append({"component": f"L{layer} block", "kind": "block", "layer": layer, "head": -1,
+            rows.append({"component": f"L{layer} block", "kind": "block", "layer": layer, "head": None,
                          "dla": score(block)})
     if norm.bias is not None:
-        rows.append({"component": "final norm bias", "kind": "bias", "layer": L, "head": -1,
+        rows.append({"component": "final norm bias", "kind": "bias", "layer": L, "head": None,
                      "dla": float(norm.bias @ direction)})
     if b_u is not None:
-        rows.append({"component": "unembed bias", "kind": "bias", "layer": L, "head": -1,
+        rows.append({"component": "unembed bias", "kind": "bias", "layer": L, "head": None,
                      "dla": float(b_u[tp.clean_answer_id] - b_u[tp.corrupted_answer_id])})
-    frame = pd.DataFrame(rows)
+    frame = nullable_ints(pd.DataFrame(rows))
     ld_sum = float(frame["dla"].sum())
     ld_true = float(logit_diff(logits, tp.clean_answer_id, tp.corrupted_answer_id))
     cap = softcap(lm)
@@ -174,7 +178,8 @@ def dla(lm, tp: TokenizedPair, run: str = "clean") -> DLAResult:
         ld_true = float(raw[0] - raw[1])
     heads = head_frame(lm, acts, norm, direction) if _additive_blocks(lm) else pd.DataFrame()
     frame = pd.concat([frame, heads], ignore_index=True)
-    return DLAResult(frame, run, ld_true, ld_sum, norm.check_error)
+    spec = make_spec("direct logit attribution", lm, tp, run=run, position="last")
+    return DLAResult(frame, run, ld_true, ld_sum, norm.check_error, spec=spec)
 
 
 def head_frame(lm, acts, norm, direction) -> pd.DataFrame:
@@ -187,9 +192,9 @@ def head_frame(lm, acts, norm, direction) -> pd.DataFrame:
                          "dla": value})
         bias = o_proj_bias(lm, layer)
         if bias is not None:
-            rows.append({"component": f"L{layer} attn bias", "kind": "head_bias", "layer": layer, "head": -1,
+            rows.append({"component": f"L{layer} attn bias", "kind": "head_bias", "layer": layer, "head": None,
                          "dla": float(norm(bias) @ direction)})
-    return pd.DataFrame(rows)
+    return nullable_ints(pd.DataFrame(rows))
 
 
 def head_token_table(lm, tp: TokenizedPair, heads: list[tuple[int, int]], tokens: list[str],

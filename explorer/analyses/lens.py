@@ -1,7 +1,7 @@
 """Logit lens: the final norm and unembedding applied to each layer's residual, both runs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -10,15 +10,17 @@ from explorer.core.cache import get_activations
 from explorer.core.prompts import TokenizedPair, show_token
 from explorer.core.runtime import to_host, to_model
 from explorer.core.metrics import logit_diff
+from explorer.core.results import Result, make_spec
 
 LENS_FORMULA = "lens logits(l) = W_U · final_norm(resid_post[l][last]); LD(l) from those logits"
 
 
 @dataclass(frozen=True)
-class LensResult:
+class LensResult(Result):
     frame: pd.DataFrame  # run, layer, ld, p_clean_answer, p_corrupted_answer, top_tokens
     formula: str = LENS_FORMULA
     title: str = "Logit lens at the last position: LD per layer, clean and corrupted runs"
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
 
 def logit_lens(lm, tp: TokenizedPair, top_k: int = 5) -> LensResult:
@@ -40,4 +42,4 @@ def logit_lens(lm, tp: TokenizedPair, top_k: int = 5) -> LensResult:
                          "p_clean_answer": float(probs[i, tp.clean_answer_id]),
                          "p_corrupted_answer": float(probs[i, tp.corrupted_answer_id]),
                          "top_tokens": " ".join(show_token(lm.tokenizer, t) for t in top)})
-    return LensResult(pd.DataFrame(rows))
+    return LensResult(pd.DataFrame(rows), spec=make_spec("logit lens", lm, tp, position="last", top_k=top_k))

@@ -25,13 +25,14 @@ from explorer.core.prompts import TokenizedPair
 from explorer.core.runtime import HOST
 from explorer.core import positions as positions_
 from explorer.core.positions import LAST
+from explorer.core.results import Result, make_spec, nullable_ints
 from explorer.core.scheduler import Cell, Patch  # noqa: F401  (the patch vocabulary, re-exported)
 
 DIRECTIONS = ("denoise", "noise")
 
 
 @dataclass(frozen=True)
-class PatchResult:
+class PatchResult(Result):
     """One row per patch: layer/pos/head/token columns plus ld_patched and the metric."""
 
     frame: pd.DataFrame
@@ -41,6 +42,7 @@ class PatchResult:
     ld_clean: float
     ld_corrupted: float
     pair: TokenizedPair
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
     metric: str = field(init=False)
     formula: str = field(init=False)
 
@@ -150,16 +152,18 @@ def run_patches(lm, tp: TokenizedPair, patches: list[Patch], labels: list[dict],
     """The generic routine: patch, then tabulate with the metric and the differing-token flag."""
     ld_clean, ld_corr = pair_lds(lm, tp, require_span=True)
     lds = patched_logit_diffs(lm, tp, patches, direction, progress)
-    frame = pd.DataFrame(labels)
+    frame = nullable_ints(pd.DataFrame(labels))
     frame["ld_patched"] = lds
     frame[metric_name(direction)] = patch_effect(lds, ld_clean, ld_corr, direction)
     if "pos" in frame:
         diff = set(tp.differing_positions) if tp.same_length else set()
-        frame["token"] = [tp.clean_tokens[p] if p is not None and p >= 0 else "" for p in frame["pos"]]
+        frame["token"] = ["" if pd.isna(p) else tp.clean_tokens[p] for p in frame["pos"]]
         frame["differs"] = [p in diff for p in frame["pos"]]
     if "layer" in frame:
-        frame["layer_kind"] = [lm.arch.layer_kind(int(l)) for l in frame["layer"]]
-    return PatchResult(frame, site, positions, direction, ld_clean, ld_corr, tp)
+        frame["layer_kind"] = ["" if pd.isna(l) else lm.arch.layer_kind(int(l)) for l in frame["layer"]]
+    spec = make_spec("patching", lm, tp, site=site, positions=positions, direction=direction, metric=metric_name(direction),
+                     cells=len(patches))
+    return PatchResult(frame, site, positions, direction, ld_clean, ld_corr, tp, spec)
 
 
 # ---- named variants: each only says which cells make up the sweep ----
@@ -209,8 +213,10 @@ def head_sweep(lm, tp: TokenizedPair, positions: str = "all", direction: str = "
 
 
 @dataclass(frozen=True)
-class SetPatchResult:
+class SetPatchResult(Result):
     """A sweep repeated over the pairs of a prompt set: per-pair rows and the mean per cell."""
+
+    _records = "summary"
 
     per_pair: pd.DataFrame  # pair, label columns, ld_patched, the metric
     summary: pd.DataFrame  # label columns, mean_<metric>, std_<metric>, sem_<metric>, n
@@ -219,6 +225,7 @@ class SetPatchResult:
     direction: str
     metric: str
     skipped: list[str]  # "pair id: reason"
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
     @property
     def title(self) -> str:
@@ -257,7 +264,9 @@ def sweep_over_pairs(lm, pairs, site: str, positions: str = "all", direction: st
     summary = per_pair.groupby(keys, as_index=False)[metric].agg(["mean", "std", "count"])
     summary = summary.rename(columns={"mean": f"mean_{metric}", "std": f"std_{metric}", "count": "n"})
     summary[f"sem_{metric}"] = summary[f"std_{metric}"] / np.sqrt(summary["n"])
-    return SetPatchResult(per_pair, summary, site, positions, direction, metric, skipped)
+    spec = make_spec("patching over a prompt set", lm, prompt_set=[p.id for p in pairs], site=site, positions=positions,
+                     direction=direction, metric=metric, layers=layers)
+    return SetPatchResult(per_pair, summary, site, positions, direction, metric, skipped, spec)
 
 
 def parse_heads(text: str, arch) -> list[tuple[int, int]]:
@@ -276,11 +285,14 @@ def parse_heads(text: str, arch) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
-class HeadSetResult:
+class HeadSetResult(Result):
+    _json_properties = ("superadditivity",)
+
     singles: PatchResult
     joint_ld: float
     joint_effect: float
     sum_of_singles: float
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
     @property
     def superadditivity(self) -> float:
@@ -297,14 +309,16 @@ def head_set_patch(lm, tp: TokenizedPair, heads: list[tuple[int, int]], position
     cells = [Cell("head_out", l, pos[0], h) for l, h in heads]
     patches = [(c,) for c in cells] + [tuple(cells)]
     labels = [{"layer": l, "head": h, "head_label": lm.arch.head_label(l, h)} for l, h in heads]
-    labels.append({"layer": -1, "head": -1, "head_label": "joint"})
+    labels.append({"layer": None, "head": None, "head_label": "joint"})
     res = run_patches(lm, tp, patches, labels, "head_out", positions, direction)
     metric = res.metric
     singles = PatchResult(res.frame.iloc[:-1].reset_index(drop=True), "head_out", positions, direction,
-                          res.ld_clean, res.ld_corrupted, tp)
+                          res.ld_clean, res.ld_corrupted, tp, res.spec)
     joint = res.frame.iloc[-1]
+    spec = make_spec("head set patching", lm, tp, heads=[list(h) for h in heads], positions=positions, direction=direction,
+                     metric=metric)
     return HeadSetResult(singles, float(joint["ld_patched"]), float(joint[metric]),
-                         float(singles.frame[metric].sum()))
+                         float(singles.frame[metric].sum()), spec)
 
 
 def linear_heads_note(lm) -> str | None:

@@ -23,6 +23,7 @@ from explorer.core.cache import get_activations
 from explorer.analyses.dla import head_contributions
 from explorer.core.errors import ExplorerInputError
 from explorer.core.metrics import logit_diff, patch_effect
+from explorer.core.results import make_spec
 from explorer.analyses.patching import PatchResult
 from explorer.core.prompts import TokenizedPair
 from explorer.core.runtime import HOST, to_model
@@ -92,7 +93,9 @@ def path_patch(lm, tp: TokenizedPair, receiver: tuple, senders: list[tuple[int, 
     frame["ld_patched"] = lds
     frame["recovery"] = patch_effect(np.asarray(lds), ld_clean, ld_corr, "denoise")
     name = "logits (final residual, direct path)" if to_logits else f"L{receiver[0]}H{receiver[1]} {receiver[2]}"
-    return PatchResult(frame, f"head_out → {name}", "all", "denoise", ld_clean, ld_corr, tp)
+    spec = make_spec("path patching", lm, tp, receiver=name, senders=[list(s) for s in senders], direction="denoise",
+                     metric="recovery")
+    return PatchResult(frame, f"head_out → {name}", "all", "denoise", ld_clean, ld_corr, tp, spec)
 
 
 def _direct_write(lm, layer: int, head: int, dz: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,8 @@ def cells(spec, tp, what: str = "Patching") -> list:
     spec = parse(spec)
     if spec == "last":
         return [LAST]
-    where = {"each": "at each position", "all": "at all positions"}.get(spec, "at chosen positions")
+    where = {"each": "at each position", "all": "at all positions"}.get(spec, "at chosen positions") \
+        if isinstance(spec, str) else "at chosen positions"
     tp.require_same_length(f"{what} {where}")
     if spec == "each":
         return list(range(tp.n_pos))

@@ -128,7 +128,7 @@ def cmd_baseline(args) -> dict:
     from explorer.analyses.baseline import baseline
     lm = _load(args)
     res = baseline(lm, _pair(args, lm), top_k=args.top_k)
-    out = {"model": lm.describe(), **res.to_dict()}
+    out = _json(lm, res)
     if not args.json:
         print(f"{res.formula}\nLD clean = {res.ld_clean:+.4f}   LD corrupted = {res.ld_corrupted:+.4f}")
         print(res.answers.to_string(index=False))
@@ -157,13 +157,12 @@ def cmd_patch(args) -> dict:
         if not args.json:
             print(res.title)
             print(res.frame.to_string(index=False))
-        return {"model": lm.describe(), "title": res.title, "formula": res.formula, "records": _frame_records(res.frame)}
+        return _json(lm, res)
     if args.heads:
         heads = patching.parse_heads(args.heads, lm.arch)
         res = patching.head_set_patch(lm, tp, heads, args.positions if args.positions != "each" else "all", args.direction)
-        out = {"model": lm.describe(), "title": res.singles.title, "formula": res.singles.formula,
-               "records": res.singles.to_records(), "joint": res.joint_effect, "sum_of_singles": res.sum_of_singles,
-               "superadditivity": res.superadditivity}
+        out = {**_json(lm, res), "title": res.singles.title, "formula": res.singles.formula,
+               "records": _frame_records(res.singles.frame), "joint": res.joint_effect}
         if not args.json:
             print(res.singles.title)
             print(res.singles.frame.to_string(index=False))
@@ -174,10 +173,7 @@ def cmd_patch(args) -> dict:
         res = patching.patch_sweep(lm, tp, args.site, args.positions, args.direction, layers, progress=bar)
     finally:
         bar.close()
-    out = {"model": lm.describe(), "title": res.title, "site": res.site, "positions": res.positions,
-           "direction": res.direction, "metric": res.metric, "formula": res.formula,
-           "ld_clean": res.ld_clean, "ld_corrupted": res.ld_corrupted,
-           "records": [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in res.to_records()]}
+    out = _json(lm, res)
     if not args.json:
         print(res.title)
         print(res.formula)
@@ -202,13 +198,17 @@ def _patch_set(args, lm, layers) -> dict:
         if skipped:
             print(f"{len(skipped)} pair(s) skipped: " + "; ".join(skipped[:5]))
         print(res.summary.to_string(index=False))
-    return {"model": lm.describe(), "title": res.title, "prompt_set": str(args.prompts), "sha256": ps.sha256,
-            "site": res.site, "positions": res.positions, "direction": res.direction, "metric": res.metric,
-            "skipped": skipped, "records": _frame_records(res.summary), "per_pair": _frame_records(res.per_pair)}
+    return {**_json(lm, res), "prompt_set": str(args.prompts), "sha256": ps.sha256, "skipped": skipped}
 
 
 def _frame_records(frame) -> list[dict]:
-    return json.loads(frame.to_json(orient="records"))
+    from explorer.core.results import records
+    return records(frame)
+
+
+def _json(lm, res) -> dict:
+    """A result's own JSON (its spec, title, formula, records and numbers) with the model on top."""
+    return {"model": lm.describe(), **res.to_json()}
 
 
 def cmd_ablate(args) -> dict:
@@ -228,7 +228,7 @@ def cmd_ablate(args) -> dict:
         print(res.title)
         print(res.shift_formula)
         print(res.frame.to_string(index=False))
-    return {"model": lm.describe(), "title": res.title, "formula": res.shift_formula, "records": _frame_records(res.frame)}
+    return {**_json(lm, res), "formula": res.shift_formula}
 
 
 def cmd_attribute(args) -> dict:
@@ -239,7 +239,7 @@ def cmd_attribute(args) -> dict:
     if args.site not in ("resid_pre", "attn_out", "mlp_out", "head_out"):
         raise ExplorerInputError("--site must be resid_pre, attn_out, mlp_out or head_out.")
     table = res.table(args.site, per_position=args.site != "head_out")
-    out = {"model": lm.describe(), "formula": res.formula, "site": args.site, "records": _frame_records(table)}
+    out = {**_json(lm, res), "site": args.site, "records": _frame_records(table)}
     if args.exact:
         merged = compare_with_exact(lm, tp, res, args.site)
         out["spearman"] = spearman(merged["estimate"], merged["exact"])
@@ -261,8 +261,7 @@ def cmd_dla(args) -> dict:
         print(res.formula)
         print(res.frame.to_string(index=False))
         print(f"true LD {res.ld_true:+.5f}, sum of components {res.ld_sum:+.5f}, error {res.error:+.2e}")
-    return {"model": lm.describe(), "title": res.title, "formula": res.formula, "ld_true": res.ld_true,
-            "ld_sum": res.ld_sum, "error": res.error, "records": _frame_records(res.frame)}
+    return _json(lm, res)
 
 
 def cmd_lens(args) -> dict:
@@ -272,7 +271,7 @@ def cmd_lens(args) -> dict:
     if not args.json:
         print(res.title)
         print(res.frame.to_string(index=False))
-    return {"model": lm.describe(), "title": res.title, "formula": res.formula, "records": _frame_records(res.frame)}
+    return _json(lm, res)
 
 
 def cmd_run(args) -> dict:
