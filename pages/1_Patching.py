@@ -6,7 +6,7 @@ import streamlit as st
 from explorer.core.errors import ExplorerInputError
 from explorer.analyses.patching import (head_set_patch, head_sweep, linear_heads_note, parse_heads, patch_sweep,
                                sweep_over_pairs)
-from explorer.core.prompts import check_for_tokenizer, load_prompt_set
+from explorer.core.prompts import check_for_tokenizer
 from explorer.surfaces.ui import charts, state, widgets
 
 SITES = ["resid_post", "resid_pre", "attn_out", "mlp_out", "head_out"]
@@ -139,7 +139,7 @@ def over_a_prompt_set(lm, site, direction, metric) -> None:
     if not run_set:
         return
     try:
-        ps = check_for_tokenizer(load_prompt_set(widgets.PROMPTS_DIR / set_name), lm.tokenizer)
+        ps = check_for_tokenizer(widgets.load_set(set_name), lm.tokenizer)
         pairs = ps.by_category("headline")[: int(n_pairs)]
         with st.status(f"Patching {len(pairs)} pairs ...", expanded=True):
             set_res = sweep_over_pairs(lm, pairs, site, set_positions, direction,

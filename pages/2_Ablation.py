@@ -95,7 +95,7 @@ def main(lm, tp) -> None:
         go = widgets.submit_button("Run on prompt set")
     if go:
         try:
-            ps = check_for_tokenizer(load_prompt_set(widgets.PROMPTS_DIR / set_name), lm.tokenizer)
+            ps = check_for_tokenizer(widgets.load_set(set_name), lm.tokenizer)
             if ps.errors:
                 st.warning(f"{len(ps.errors)} pair(s) skipped: " + "; ".join(ps.errors[:5]))
             pairs = ps.by_category("headline")[: int(n_pairs)] + ps.by_category("control")

@@ -110,21 +110,23 @@ def test_out_of_memory_halves_the_pass_once_then_says_what_to_change(tiny_model,
     tp = tokenize_pair(lm.tokenizer, PAIR)
     patches = [(Cell("resid_pre", l, p),) for l in range(lm.arch.n_layers) for p in range(tp.n_pos)]
     want = scheduler.patched_lds(lm, tp, patches, "noise", one_pass=False)
-    run_pass, failures = scheduler._run_pass, []
+    scheduler.clear_memo()
+    run, failures, passes = engine.run, [], []
 
-    def fails_once(lm, chunk, *args):
-        if not failures:
-            failures.append(len(chunk))
+    def fails_once(lm, input_ids, *args, **kwargs):  # the device runs out of memory on the first patched pass
+        if not failures and args:
+            failures.append(int(input_ids.numel()))
             raise error
-        return run_pass(lm, chunk, *args)
-    monkeypatch.setattr(scheduler, "_run_pass", fails_once)
+        passes.append(int(input_ids.numel()))
+        return run(lm, input_ids, *args, **kwargs)
+    monkeypatch.setattr(engine, "run", fails_once)
     got = scheduler.patched_lds(lm, tp, patches, "noise", one_pass=False)
-    assert failures and failures[0] > 1
+    assert failures and min(passes[1:]) < failures[0]  # the failed pass was retried in smaller pieces
     np.testing.assert_allclose(got, want, atol=tol("same"))
 
-    def always_fails(lm, chunk, *args):
+    def always_fails(lm, input_ids, *args, **kwargs):
         raise error
-    monkeypatch.setattr(scheduler, "_run_pass", always_fails)
+    monkeypatch.setattr(engine, "run", always_fails)
     with pytest.raises(ExplorerInputError) as info:
         scheduler.patched_lds(lm, tp, patches, "noise", one_pass=False)
     message = str(info.value)

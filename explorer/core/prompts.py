@@ -289,15 +289,23 @@ def load_prompt_set(path: str | Path) -> PromptSet:
     size = path.stat().st_size
     if size > MAX_PROMPT_SET_BYTES:  # refused before it is read
         raise _too_big(size, f"Prompt set {str(path)!r}")
+    return parse_prompt_set_bytes(path.read_bytes(), str(path))
+
+
+def parse_prompt_set_bytes(data: bytes, name: str) -> PromptSet:
+    """A prompt set from a file's bytes (a file on disk or one uploaded in the app): at most
+    MAX_PROMPT_SET_BYTES of UTF-8 JSONL with at least one valid pair; bad lines are reported by number."""
+    if len(data) > MAX_PROMPT_SET_BYTES:
+        raise _too_big(len(data), f"Prompt set {name!r}")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ExplorerInputError(f"Prompt set {str(path)!r} is not UTF-8 text (byte {exc.start} cannot be read): "
+        raise ExplorerInputError(f"Prompt set {name!r} is not UTF-8 text (byte {exc.start} cannot be read): "
                                  "save it as UTF-8.") from None
-    result = parse_jsonl(text, path=str(path))
+    result = parse_jsonl(text, path=name)
     if not result.pairs:
         detail = f" First problem: {result.errors[0]}" if result.errors else ""
-        raise ExplorerInputError(f"Prompt set {str(path)!r} has no valid pairs.{detail}")
+        raise ExplorerInputError(f"Prompt set {name!r} has no valid pairs.{detail}")
     return result
 
 

@@ -13,6 +13,8 @@ session wrote last.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import streamlit as st
 
 from explorer.core.errors import ExplorerInputError
@@ -38,6 +40,33 @@ SMOLLM2_PAIR = PromptPair(
     clean_answer=" Mary", corrupted_answer=" John", id="smollm2-ioi", task="ioi")
 
 
+# Per-session memory is bounded, so that many viewers of a shared app cannot exhaust it: each session
+# keeps at most this many uploaded prompt sets (each at most MAX_PROMPT_SET_BYTES) and computed tables.
+MAX_UPLOADED_SETS = 4
+MAX_SESSION_RESULTS = 8
+
+
+class BoundedCache(OrderedDict):
+    """Keeps the `size` most recently used entries; the least recently used one goes first."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+    def get_or_compute(self, key, compute):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return self.put(key, compute())
+
+
 def default_pair(model: str) -> PromptPair:
     return DEMO_PAIR if model == "demo" else SMOLLM2_PAIR
 
@@ -58,6 +87,8 @@ class Store:
         self.notice: str | None = None       # one message for the next run (e.g. the pair was replaced)
         self.form_keys: dict[str, str] = {}  # widget key -> store key, for this run's form widgets
         self.typed_models: set[str] = set()  # folders and hub ids typed in the sidebar (links may name them)
+        self.uploaded_sets = BoundedCache(MAX_UPLOADED_SETS)   # name -> PromptSet, for this session only
+        self.results = BoundedCache(MAX_SESSION_RESULTS)       # key -> a table computed for this session
 
     def pair(self) -> PromptPair:
         return PromptPair(**{k: self.values[k] for k in PAIR_KEYS}, id="ui", task="")

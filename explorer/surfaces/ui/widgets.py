@@ -116,6 +116,7 @@ PAGES = [("app.py", "Home", ":material/home:", None),
          ("pages/5_Logit_lens.py", "Logit lens", ":material/stacked_line_chart:", "Readouts"),
          ("pages/6_Attention.py", "Attention", ":material/visibility:", "Readouts"),
          ("pages/7_Weights.py", "Weights", ":material/hub:", "Readouts"),
+         ("pages/8_Prompt_sets.py", "Prompt sets", ":material/dataset:", "Data"),
          ("pages/9_Story.py", "Story", ":material/slideshow:", "Talks")]
 
 
@@ -168,6 +169,7 @@ def run_page(title: str, page: str, body, needs_pair: bool = True, pair_in_sideb
         if pair_in_sidebar:
             with st.sidebar.expander("Prompt pair", expanded=False):
                 pair_editor(stacked=True)
+                pair_from_set(lm, st, "sidebar_set")
         tp = tokenized_pair_or_stop(lm) if needs_pair else None
         if tp is not None:
             pair_baseline_caption(lm, tp)
@@ -205,6 +207,9 @@ def tokenized_pair_or_stop(lm):
         stop()
 
 
+UPLOADED = "uploaded: "   # the picker name of a set uploaded in this session; bundled sets go by file name
+
+
 def bundled_prompt_sets() -> list[Path]:
     return sorted(PROMPTS_DIR.glob("*.jsonl"))
 
@@ -217,17 +222,39 @@ def _unfit_pairs(model_id: str, path: str, _tokenizer) -> int:
     return len(ps.pairs) - len(check_for_tokenizer(ps, _tokenizer).pairs)
 
 
+def load_set(name: str):
+    """A prompt set by its picker name: one uploaded in this session, or a bundled file."""
+    from explorer.core.prompts import load_prompt_set
+    uploaded = state.store().uploaded_sets
+    if name in uploaded:
+        uploaded.move_to_end(name)
+        return uploaded[name]
+    if name.startswith(UPLOADED):
+        raise ExplorerInputError(f"The prompt set {name!r} is no longer held by this session (it keeps its "
+                                 f"{state.MAX_UPLOADED_SETS} latest uploads): upload it again.")
+    return load_prompt_set(PROMPTS_DIR / Path(name).name)
+
+
 def prompt_set_choices(lm) -> list[str]:
-    """Bundled set names, the current model's own sets first and sets whose pairs do not fit its
-    tokenizer last; a caption under the picker names the latter (call `unfit_sets_caption`)."""
+    """Sets uploaded in this session first (newest first), then the bundled sets: the current model's
+    own first and those whose pairs do not fit its tokenizer last; a caption under the picker names
+    the latter (call `unfit_sets_caption`)."""
     prefix = Path(lm.model_id).name.split("-")[0].lower() + "_"
     unfit = unfit_by_set(lm)
-    return sorted(unfit, key=lambda n: (unfit[n] > 0, not n.startswith(prefix), n))
+    uploaded = list(reversed(state.store().uploaded_sets))
+    bundled = sorted((n for n in unfit if n not in uploaded), key=lambda n: (unfit[n] > 0, not n.startswith(prefix), n))
+    return uploaded + bundled
 
 
 def unfit_by_set(lm) -> dict[str, int]:
-    """Bundled set name -> how many of its pairs do not fit this model's tokenizer."""
-    return {p.name: _unfit_pairs(lm.model_id, str(p), lm.tokenizer) for p in bundled_prompt_sets()}
+    """Set name -> how many of its pairs do not fit this model's tokenizer (bundled and uploaded sets)."""
+    from explorer.core.prompts import check_for_tokenizer
+    counts = {p.name: _unfit_pairs(lm.model_id, str(p), lm.tokenizer) for p in bundled_prompt_sets()}
+    s = state.store()
+    for name, ps in list(s.uploaded_sets.items()):
+        counts[name] = s.results.get_or_compute(
+            ("unfit", lm.identity, ps.sha256), lambda: len(ps.pairs) - len(check_for_tokenizer(ps, lm.tokenizer).pairs))
+    return counts
 
 
 def unfit_sets_caption(lm, container=st) -> None:
@@ -237,37 +264,71 @@ def unfit_sets_caption(lm, container=st) -> None:
         container.caption(f"Pairs that do not fit this model's tokenizer (skipped when a set runs): {listed}.")
 
 
-def prompt_set_picker(lm) -> None:
-    """Load a bundled or uploaded JSONL prompt set and copy one pair into the editor."""
-    from explorer.core.prompts import check_for_tokenizer, load_prompt_set, parse_jsonl
+def upload_prompt_set(container=st, select: str | None = None) -> None:
+    """A file uploader for a JSONL prompt set. A new file is read once (at most MAX_PROMPT_SET_BYTES;
+    every bad line reported with its number while the valid ones load) and kept for the session, so
+    every prompt-set picker offers it; `select` names the store key of a picker to switch to it."""
+    from explorer.core.prompts import MAX_PROMPT_SET_BYTES, parse_prompt_set_bytes
+    up = container.file_uploader(
+        f"Upload a JSONL prompt set (at most {MAX_PROMPT_SET_BYTES // 2 ** 20} MB)", type=["jsonl", "json", "txt"],
+        key="upload_prompt_set",
+        help="One pair per line: {\"id\", \"clean\", \"corrupted\", \"clean_answer\", \"corrupted_answer\", "
+             "\"category\": \"headline\" or \"control\", \"task\"}. The set stays available in this session.")
+    if up is None:
+        return
+    s = state.store()
 
-    sets = prompt_set_choices(lm)
-    with st.expander("Load a pair from a prompt set", expanded=False):
-        source = choice(st, "Source", "set_source", ["bundled", "upload"], url=False)
-        prompt_set = None
+    def read():
         try:
-            if source == "bundled" and sets:
-                name = choice(st, "Prompt set", "set_name", sets, url=False)
-                unfit_sets_caption(lm)
-                prompt_set = load_prompt_set(PROMPTS_DIR / name)
-            elif source == "upload":
-                up = st.file_uploader("JSONL file", type=["jsonl", "json", "txt"])
-                if up is not None:
-                    prompt_set = parse_jsonl(up.getvalue().decode("utf-8", errors="replace"), path=up.name)
+            return parse_prompt_set_bytes(up.getvalue(), up.name), None
         except ExplorerInputError as exc:
-            state.show_error(exc)
-        if prompt_set is None:
-            return
-        prompt_set = check_for_tokenizer(prompt_set, lm.tokenizer)
-        if prompt_set.errors:
-            st.warning(f"{len(prompt_set.errors)} line(s) could not be read and were skipped:\n\n"
-                       + "\n".join(f"- {e}" for e in prompt_set.errors[:10]))
-        if not prompt_set.pairs:
-            st.error("No valid pairs in this file.")
-            return
-        labels = [f"{p.id} [{p.category}] {p.clean[:60]}" for p in prompt_set.pairs]
-        pick = st.selectbox(f"Pair ({len(prompt_set.pairs)} valid)", range(len(labels)), format_func=labels.__getitem__)
-        st.button("Use this pair", on_click=state.set_pair, args=(prompt_set.pairs[pick],))
+            return None, str(exc)
+    prompt_set, problem = s.results.get_or_compute(("upload", up.file_id), read)
+    if problem:
+        container.error(problem, icon="⚠️")
+        return
+    name = f"{UPLOADED}{up.name}"
+    if s.uploaded_sets.get(name) is not prompt_set:   # a new upload: offer it, and pick it
+        s.uploaded_sets.put(name, prompt_set)
+        if select:
+            s.values[select] = name
+    if prompt_set.errors:
+        container.warning(f"{up.name}: {len(prompt_set.pairs)} pair(s) loaded; these lines could not be read and "
+                          "were skipped:\n\n" + "\n".join(f"- {e}" for e in prompt_set.errors))
+    else:
+        container.success(f"{up.name}: {len(prompt_set.pairs)} pair(s) loaded.")
+
+
+def pair_from_set(lm, container=st, name: str = "set_name") -> None:
+    """Pick a prompt set (bundled or uploaded in this session) and copy one of its pairs into the editor.
+    `name` is the page setting holding the chosen set (distinct per place the picker is drawn)."""
+    from explorer.core.prompts import check_for_tokenizer
+    sets = prompt_set_choices(lm)
+    if not sets:
+        return
+    set_name = choice(container, "Prompt set", name, sets, url=False)
+    unfit_sets_caption(lm, container)
+    try:
+        loaded = load_set(set_name)
+        prompt_set = state.store().results.get_or_compute(
+            ("fit", lm.identity, set_name, loaded.sha256), lambda: check_for_tokenizer(loaded, lm.tokenizer))
+    except ExplorerInputError as exc:
+        state.show_error(exc)
+        return
+    if not prompt_set.pairs:
+        container.error("No pair of this set fits this model's tokenizer.")
+        return
+    labels = [f"{p.id} [{p.category}] {p.clean[:60]}" for p in prompt_set.pairs]
+    pick = container.selectbox(f"Pair ({len(prompt_set.pairs)} valid)", range(len(labels)),
+                               format_func=labels.__getitem__, key=f"pick.{name}")
+    container.button("Use this pair", on_click=state.set_pair, args=(prompt_set.pairs[pick],), key=f"use.{name}")
+
+
+def prompt_set_picker(lm) -> None:
+    """Home's prompt-set box: upload a JSONL set, or pick any set, and copy one pair into the editor."""
+    with st.expander("Load a pair from a prompt set", expanded=False):
+        upload_prompt_set(st, select=f"{state.store().page}.set_name")
+        pair_from_set(lm, st, "set_name")
 
 
 def pair_editor(stacked: bool = False) -> None:
