@@ -44,34 +44,12 @@ def main(lm, tp) -> None:
     metric = res.metric
     st.caption(f"{res.formula} · LD_clean = {res.ld_clean:+.3f}, LD_corr = {res.ld_corrupted:+.3f} · "
                f"{len(res.frame)} patches in {elapsed * 1e3:.0f} ms")
-    artefacts = res.artefact_cells()
-    if not artefacts.empty:
-        cells = ", ".join(f"L{int(r.layer)} pos {int(r.pos)}" for r in artefacts.head(6).itertuples())
-        st.warning(f"Large {metric} at positions where the clean and corrupted tokens differ ({cells}). "
-                   "Patching there copies the swapped input token itself: it shows where the difference enters, "
-                   "not where it is computed. Outlined cells in the heatmap mark these positions.")
-
+    if note := res.artefact_note():
+        st.warning(note)
     labels = tp.position_labels()
-    frame = res.frame
-    click_hint = "Click a cell to open that layer's heads below."
-    if site == "head_out":
-        if positions == "all":
-            chart = charts.heatmap(frame, "head", "layer", metric, res.title, subtitle=click_hint)
-        else:
-            frame = frame.groupby(["layer", "head"], as_index=False)[metric].apply(lambda s: s.abs().max())
-            chart = charts.heatmap(frame, "head", "layer", metric, res.title + " (max |value| over positions)",
-                                   subtitle=click_hint)
-    elif positions == "each":
-        chart = charts.heatmap(frame, "pos", "layer", metric, res.title, x_labels=labels,
-                               subtitle="Outlined: positions where the input tokens differ. " + click_hint)
-    else:
-        chart = charts.heatmap(frame.assign(where=positions), "where", "layer", metric, res.title,
-                               subtitle=click_hint)
+    chart = charts.patch_heatmap(res, labels, "Click a cell to open that layer's heads below.")
     event = st.altair_chart(chart, on_select="rerun", key="patch_chart")
-    widgets.export_buttons(res.frame, f"patching_{site}_{positions}_{direction}",
-                           {"title": res.title, "formula": res.formula, "ld_clean": res.ld_clean,
-                            "ld_corrupted": res.ld_corrupted, "model": lm.describe(), "site": site,
-                            "positions": positions, "direction": direction, "metric": metric}, chart=chart)
+    widgets.export_buttons(res.frame, f"patching_{site}_{positions}_{direction}", res.meta(), chart=chart)
     drill_down(lm, tp, direction, metric, labels, event)
     over_a_prompt_set(lm, site, direction, metric)
     head_set(lm, tp, direction, metric)
@@ -110,13 +88,11 @@ def drill_down(lm, tp, direction, metric, labels, event) -> None:
     kind = lm.arch.layer_kind(layer).replace("_", " ")
     st.altair_chart(charts.heatmap(heads.frame, "pos", "head", metric, f"Layer {layer} ({kind}): " + heads.title,
                                    x_labels=labels, select=False))
-    best = heads.frame.loc[heads.frame[metric].abs().idxmax()]
+    best = heads.strongest()
     head, pos = int(best["head"]), int(best["pos"])
     st.markdown(f"Strongest head cell: **{best['head_label']}** at position {pos} "
                 f"({labels[pos]}), {metric} = {best[metric]:+.3f}.")
-    # The layer's strongest heads at the strongest cell's position, strongest first.
-    at_pos = heads.frame[heads.frame["pos"] == pos]
-    top = [int(h) for h in at_pos.reindex(at_pos[metric].abs().sort_values(ascending=False).index)["head"][:3]]
+    top = heads.top_heads(pos)  # the layer's strongest heads at that position, strongest first
     c1, c2 = st.columns(2)
     widgets.attention_link(c1, lm, [(layer, h) for h in top], pos, f"top |{metric}| heads there")
     c2.page_link("pages/4_DLA.py", label=f"Direct logit attribution of {best['head_label']}",
@@ -150,20 +126,12 @@ def over_a_prompt_set(lm, site, direction, metric) -> None:
     skipped = ps.errors + set_res.skipped
     if skipped:
         st.warning(f"{len(skipped)} pair(s) skipped: " + "; ".join(skipped[:5]))
-    mean = f"mean_{metric}"
-    summary = set_res.summary
-    if site == "head_out":
-        set_chart = charts.heatmap(summary, "head", "layer", mean, set_res.title, select=False)
-    else:
-        set_chart = charts.heatmap(summary.assign(where=set_positions), "where", "layer", mean, set_res.title,
-                                   select=False)
+    set_chart = charts.set_patch_heatmap(set_res)
     st.altair_chart(set_chart)
-    top = summary.reindex(summary[mean].abs().sort_values(ascending=False).index).head(10)
-    st.dataframe(top, hide_index=True)
+    st.dataframe(set_res.top(10), hide_index=True)
     widgets.export_buttons(set_res.per_pair, f"patching_set_{site}_{set_positions}_{direction}",
-                           {"title": set_res.title, "prompt_set": set_name, "sha256": ps.sha256,
-                            "skipped": skipped, "model": lm.describe(), "site": site, "positions": set_positions,
-                            "direction": direction, "metric": f"mean {metric}"}, chart=set_chart)
+                           {**set_res.meta(), "prompt_set": set_name, "sha256": ps.sha256, "skipped": skipped},
+                           chart=set_chart)
 
 
 def head_set(lm, tp, direction, metric) -> None:
@@ -206,14 +174,9 @@ def path_patching(lm, tp) -> None:
     except ExplorerInputError as exc:
         state.show_error(exc)
         return
-    path_chart = charts.heatmap(path_res.frame, "head", "layer", "recovery",
-                                f"Path patching, sender head_out (all positions) → {receiver_text}, "
-                                "clean → corrupted run (denoise): recovery", select=False)
+    path_chart = charts.patch_heatmap(path_res, [], select=False)
     st.altair_chart(path_chart)
-    widgets.export_buttons(path_res.frame, "path_patching", {"receiver": receiver_text, "formula": path_res.formula,
-                                                             "site": f"head_out → {receiver_text}", "positions": "all",
-                                                             "direction": "denoise", "metric": "recovery"},
-                           chart=path_chart)
+    widgets.export_buttons(path_res.frame, "path_patching", path_res.meta(), chart=path_chart)
 
 
 widgets.run_page("Activation patching", "patching", main)

@@ -96,3 +96,19 @@ def test_positions_vocabulary(demo_model):
     with pytest.raises(ExplorerInputError, match="same number of tokens"):
         positions.cells("each", unequal)
     assert jsonable({"p": positions.LAST, "x": float("nan")}) == {"p": "LAST", "x": None}
+
+
+def test_patch_result_methods_the_pages_use(demo_model):
+    from explorer.analyses.patching import head_sweep
+    tp = tokenize_pair(demo_model.tokenizer, PAIR)
+    res = head_sweep(demo_model, tp, "each", "denoise")
+    f = res.frame
+    best = f.iloc[f["recovery"].abs().to_numpy().argmax()]
+    assert res.strongest()["recovery"] == best["recovery"]
+    at = f[f["pos"] == int(best["pos"])].sort_values("recovery", key=abs, ascending=False)
+    assert res.top_heads(int(best["pos"])) == [int(h) for h in at["head"][:3]]
+    reduced = res.per_layer_and_head()
+    assert len(reduced) == demo_model.arch.n_layers * demo_model.arch.n_heads
+    for r in reduced.itertuples():
+        cell = f[(f["layer"] == r.layer) & (f["head"] == r.head)]["recovery"]
+        assert abs(r.recovery) == pytest.approx(cell.abs().max())

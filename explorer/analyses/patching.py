@@ -60,6 +60,38 @@ class PatchResult(Result):
     def to_records(self) -> list[dict]:
         return self.frame.to_dict("records")
 
+    def strongest(self) -> pd.Series:
+        """The patch with the largest |metric|."""
+        return self.frame.loc[self.frame[self.metric].abs().idxmax()]
+
+    def ranked(self, frame: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Rows by |metric|, largest first."""
+        frame = self.frame if frame is None else frame
+        return frame.reindex(frame[self.metric].abs().sort_values(ascending=False).index)
+
+    def top_heads(self, pos: int | None = None, n: int = 3) -> list[int]:
+        """The n heads with the largest |metric| (at position pos, when the sweep was per position)."""
+        frame = self.frame if pos is None else self.frame[self.frame["pos"] == pos]
+        return [int(h) for h in self.ranked(frame)["head"][:n]]
+
+    def per_layer_and_head(self) -> pd.DataFrame:
+        """head_out patched per position, reduced to the largest |metric| per (layer, head), sign kept."""
+        f = self.frame
+        if "pos" not in f or f["pos"].isna().all():
+            return f
+        idx = f.groupby(["layer", "head"])[self.metric].apply(lambda s: s.abs().idxmax())
+        return f.loc[idx.to_numpy()].reset_index(drop=True)
+
+    def artefact_note(self, threshold: float = 0.5) -> str | None:
+        """The warning the page shows when large effects sit where the input tokens differ."""
+        cells = self.artefact_cells(threshold)
+        if cells.empty:
+            return None
+        where = ", ".join(f"L{int(r.layer)} pos {int(r.pos)}" for r in cells.head(6).itertuples())
+        return (f"Large {self.metric} at positions where the clean and corrupted tokens differ ({where}). "
+                "Patching there copies the swapped input token itself: it shows where the difference enters, "
+                "not where it is computed. Outlined cells in the heatmap mark these positions.")
+
     def artefact_cells(self, threshold: float = 0.5) -> pd.DataFrame:
         """Cells with a large effect at a position where the input tokens differ (seed mistake 1)."""
         if "differs" not in self.frame:
@@ -233,6 +265,11 @@ class SetPatchResult(Result):
         arrow = "clean → corrupted run (denoise)" if self.direction == "denoise" else "corrupted → clean run (noise)"
         n = int(self.summary["n"].max()) if len(self.summary) else 0
         return f"{self.site} patched at {where}, {arrow}: mean {self.metric} over {n} pairs"
+
+    def top(self, n: int = 10) -> pd.DataFrame:
+        """The n cells with the largest |mean metric|."""
+        mean = f"mean_{self.metric}"
+        return self.summary.reindex(self.summary[mean].abs().sort_values(ascending=False).index).head(n)
 
 
 def sweep_over_pairs(lm, pairs, site: str, positions: str = "all", direction: str = "denoise",

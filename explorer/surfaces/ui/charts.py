@@ -45,6 +45,29 @@ def heatmap(frame: pd.DataFrame, x: str, y: str, value: str, title: str, x_label
     return chart.properties(**params)
 
 
+def patch_heatmap(res, labels: list[str], subtitle: str = "", select: bool = True) -> alt.Chart:
+    """A patching sweep as a heatmap: layer x position, layer x head, or one column for last/all positions."""
+    metric, frame = res.metric, res.frame
+    if res.site == "head_out" or res.site.startswith("head_out →"):
+        if res.positions == "each":
+            return heatmap(res.per_layer_and_head(), "head", "layer", metric,
+                           res.title + " (largest |value| over positions)", subtitle=subtitle, select=select)
+        return heatmap(frame, "head", "layer", metric, res.title, subtitle=subtitle, select=select)
+    if res.positions == "each":
+        return heatmap(frame, "pos", "layer", metric, res.title, x_labels=labels, select=select,
+                       subtitle=" ".join(s for s in ("Outlined: positions where the input tokens differ.", subtitle) if s))
+    return heatmap(frame.assign(where=res.positions), "where", "layer", metric, res.title, subtitle=subtitle,
+                   select=select)
+
+
+def set_patch_heatmap(res) -> alt.Chart:
+    """A sweep over a prompt set: the mean metric per cell."""
+    mean = f"mean_{res.metric}"
+    if res.site == "head_out":
+        return heatmap(res.summary, "head", "layer", mean, res.title, select=False)
+    return heatmap(res.summary.assign(where=res.positions), "where", "layer", mean, res.title, select=False)
+
+
 def line(frame: pd.DataFrame, x: str, y: str, color: str, title: str, subtitle: str | None = None) -> alt.Chart:
     return alt.Chart(frame).mark_line(point=True).encode(
         x=alt.X(f"{x}:O"), y=alt.Y(f"{y}:Q"), color=alt.Color(f"{color}:N"),
