@@ -1,14 +1,13 @@
 """Ablation on the clean AND the corrupted run; prompt-set statistics and run cards."""
 import json
 
-import altair as alt
 import streamlit as st
 
 from explorer.analyses.ablation import METHODS, Reference, Thresholds, ablate_pair, ablate_set, parse_targets
 from explorer.core.errors import ExplorerInputError
 from explorer.core.metrics import RELATIVE_DROP_FORMULA, SHIFT_FORMULA
 from explorer.core.prompts import check_for_tokenizer, load_prompt_set
-from explorer.surfaces.ui import state, widgets
+from explorer.surfaces.ui import charts, state, widgets
 
 POSITION_MODES = ["all", "last", "chosen"]
 THRESHOLDS = (("min_mean_drop", "Min mean drop (logits)", 1.0), ("min_relative_drop", "Min relative drop", 0.2),
@@ -61,25 +60,12 @@ def main(lm, tp) -> None:
         widgets.stop()
 
     st.subheader("This pair: each target alone and all together, on both runs")
-    frame = res.frame
-    chart = alt.Chart(frame).mark_bar().encode(
-        x=alt.X("run:N", title=None), y=alt.Y("shift:Q", title="shift = LD_ablated(R) − LD(R)"),
-        color=alt.Color("run:N", scale=alt.Scale(domain=["clean", "corrupted"], range=["#1f77b4", "#d62728"])),
-        column=alt.Column("target:N", title=None), tooltip=list(frame.columns),
-    ).properties(width=110, height=240, title=res.title)
+    chart = charts.ablation_bars(res.frame, res.title)
     st.altair_chart(chart)
-    st.dataframe(frame, hide_index=True, width="stretch")
-    clean = frame[frame.run == "clean"].set_index("target")
-    corr = frame[frame.run == "corrupted"].set_index("target")
-    for target in clean.index:
-        st.markdown(f"**{target}**: clean run keeps {clean.loc[target, 'ld_ablated'] / clean.loc[target, 'ld_run']:.1%} "
-                    f"of its LD ({clean.loc[target, 'ld_run']:+.2f} → {clean.loc[target, 'ld_ablated']:+.2f}); "
-                    f"corrupted run shifts by {corr.loc[target, 'shift']:+.2f} from its own baseline "
-                    f"({corr.loc[target, 'ld_run']:+.2f} → {corr.loc[target, 'ld_ablated']:+.2f}).")
-    widgets.export_buttons(frame, f"ablation_{method}", {"title": res.title, "formula": res.shift_formula,
-                                                         "site": text, "positions": str(positions),
-                                                         "direction": f"{method} ablation", "metric": "shift"},
-                           chart=chart)
+    st.dataframe(res.frame, hide_index=True, width="stretch")
+    for line in res.sentences():
+        st.markdown(line)
+    widgets.export_buttons(res.frame, f"ablation_{method}", res.meta(), chart=chart)
 
     st.subheader("Over a prompt set")
     with st.form("set_ablation"):
@@ -123,16 +109,11 @@ def main(lm, tp) -> None:
         c[3].caption(f"= mean headline drop / max(mean |control drop| = {m['control_mean_abs_drop']:.3f}, floor {m['specificity_floor']})")
         st.caption(f"Corrupted run: mean shift {m['mean_shift_corrupted']:+.3f} (against the corrupted baseline). "
                    f"Random same-size targets: mean drop {m['random_mean_drop_mean']:.3f}, 95th percentile {m['random_mean_drop_p95']:.3f}.")
-        per = result.per_pair
-        hist = alt.Chart(per).mark_bar(opacity=0.7).encode(
-            x=alt.X("drop_clean:Q", bin=alt.Bin(maxbins=40), title="per-pair drop on the clean run (logits)"),
-            y=alt.Y("count():Q", stack=None), color="category:N").properties(
-            title="Per-pair distribution of the clean-run drop, headline vs control", height=240)
+        hist = charts.drop_histogram(result.per_pair)
         st.altair_chart(hist, width="stretch")
-        st.dataframe(per, hide_index=True)
-        widgets.export_buttons(per, f"ablation_set_{method}", {"title": "Per-pair drop", "prompt_set": set_name,
-                                                               "site": text, "direction": f"{method} ablation",
-                                                               "metric": "drop_clean"}, chart=hist)
+        st.dataframe(result.per_pair, hide_index=True)
+        widgets.export_buttons(result.per_pair, f"ablation_set_{method}", {**result.meta(), "prompt_set": set_name},
+                               chart=hist)
         card = result.run_card(lm, ps.path, ps.sha256)
         st.download_button("Run card (JSON)", json.dumps(card, indent=1, default=float), file_name="run_card.json",
                            mime="application/json")

@@ -164,6 +164,19 @@ class AblationResult(Result):
     def title(self) -> str:
         return f"{self.method} ablation at {self.positions} positions: shift of LD against each run's own baseline"
 
+    def sentences(self) -> list[str]:
+        """One line per target: what the clean run keeps and how far the corrupted run moves."""
+        f = self.frame
+        clean, corr = f[f.run == "clean"].set_index("target"), f[f.run == "corrupted"].set_index("target")
+        lines = []
+        for target in clean.index:
+            c, k = clean.loc[target], corr.loc[target]
+            kept = f"{c['ld_ablated'] / c['ld_run']:.1%}" if c["ld_run"] else "n/a"
+            lines.append(f"**{target}**: clean run keeps {kept} of its LD ({c['ld_run']:+.2f} → {c['ld_ablated']:+.2f}); "
+                         f"corrupted run shifts by {k['shift']:+.2f} from its own baseline "
+                         f"({k['ld_run']:+.2f} → {k['ld_ablated']:+.2f}).")
+        return lines
+
 
 def ablate_pair(lm, tp: TokenizedPair, targets: list[Target], method: str = "zero", positions="all",
                 reference: Reference | None = None) -> AblationResult:

@@ -91,6 +91,14 @@ def ablation_bars(frame: pd.DataFrame, title: str) -> alt.Chart:
     ).properties(width=110, height=240, title=title)
 
 
+def drop_histogram(per_pair: pd.DataFrame) -> alt.Chart:
+    """Ablation over a prompt set: the per-pair clean-run drop, headline against control pairs."""
+    return alt.Chart(per_pair).mark_bar(opacity=0.7).encode(
+        x=alt.X("drop_clean:Q", bin=alt.Bin(maxbins=40), title="per-pair drop on the clean run (logits)"),
+        y=alt.Y("count():Q", stack=None), color="category:N").properties(
+        title="Per-pair distribution of the clean-run drop, headline vs control", height=240)
+
+
 def dla_components(frame: pd.DataFrame, title: str) -> alt.Chart:
     """DLA of the embedding, each layer's attention and MLP (or block) and the bias terms."""
     return alt.Chart(frame).mark_bar().encode(
