@@ -27,7 +27,7 @@ def main(lm, tp) -> None:
                                         f"Attribution estimate, {site} at each position, denoise: recovery estimate",
                                         x_labels=tp.position_labels(), select=False)
     st.altair_chart(estimate_chart)
-    widgets.export_buttons(table, f"attribution_{site}", {"formula": res.formula, "site": site, "direction": "denoise",
+    widgets.export_buttons(table, f"attribution_{site}", {**res.meta(), "site": site,
                                                           "metric": "recovery estimate"}, chart=estimate_chart)
 
     st.subheader("Estimate vs exact patching")

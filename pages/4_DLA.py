@@ -1,5 +1,4 @@
 """Direct logit attribution with the cached final-norm scale and its reconciliation."""
-import altair as alt
 import streamlit as st
 
 from explorer.analyses.dla import dla, head_token_table, head_top_tokens
@@ -22,16 +21,12 @@ def main(lm, tp) -> None:
     if res.relative_error > 1e-3:
         st.warning("The components do not sum to the true LD; this model's final norm is not reproduced by the "
                    "linearisation.")
-    layers = res.frame[res.frame["kind"].isin(["embed", "attn", "mlp", "block", "bias"])]
-    layers_chart = alt.Chart(layers).mark_bar().encode(
-        x=alt.X("component:N", sort=list(layers["component"])), y=alt.Y("dla:Q", title="DLA to LD"),
-        color="kind:N", tooltip=list(layers.columns)).properties(
-        title=res.title + ": embedding, attention and MLP per layer", height=280)
+    layers = res.layers()
+    layers_chart = charts.dla_components(layers, res.title + ": embedding, attention and MLP per layer")
     st.altair_chart(layers_chart, width="stretch")
-    meta = {"formula": res.formula, "ld_true": res.ld_true, "ld_sum": res.ld_sum, "positions": "last",
-            "direction": f"{run} run", "metric": "dla"}
+    meta = {**res.meta(), "ld_true": res.ld_true, "ld_sum": res.ld_sum, "positions": "last", "metric": "dla"}
     widgets.export_buttons(layers, f"dla_layers_{run}", meta, chart=layers_chart)
-    heads = res.frame[res.frame["kind"] == "head"]
+    heads = res.heads()
     if heads.empty:
         st.info("Per-head DLA is not additive for this family (the attention output is normalised before the "
                 "residual add), so only the per-layer view is shown.")
@@ -39,8 +34,7 @@ def main(lm, tp) -> None:
     heads_chart = charts.heatmap(heads, "head", "layer", "dla", res.title + ": per head", select=False)
     st.altair_chart(heads_chart)
     widgets.export_buttons(heads, f"dla_heads_{run}", meta, chart=heads_chart)
-    top = heads.reindex(heads["dla"].abs().sort_values(ascending=False).index).head(3)
-    widgets.attention_link(st, lm, [(int(r.layer), int(r.head)) for r in top.itertuples()], tp.n_pos - 1,
+    widgets.attention_link(st, lm, res.top_heads(3), tp.n_pos - 1,
                            "top |DLA| heads; DLA reads the last position")
 
     st.subheader("One head")
@@ -50,10 +44,8 @@ def main(lm, tp) -> None:
                                   f"{tp.pair.clean_answer},{tp.pair.corrupted_answer}", url=False)
     try:
         table = head_token_table(lm, tp, [(layer, head)], [t for t in tokens_text.split(",") if t], run)
-        st.altair_chart(alt.Chart(table).mark_bar().encode(x=alt.X("token:N", sort=None), y="logit_contribution:Q",
-                                                           tooltip=list(table.columns)).properties(
-            title=f"{lm.arch.head_label(layer, head)}: direct contribution to each token's logit ({run} run)",
-            height=240), width="stretch")
+        st.altair_chart(charts.token_bars(table, "logit_contribution", f"{lm.arch.head_label(layer, head)}: direct "
+                                          f"contribution to each token's logit ({run} run)"), width="stretch")
         st.dataframe(head_top_tokens(lm, tp, layer, head, run), hide_index=True)
     except ExplorerInputError as exc:
         state.show_error(exc)

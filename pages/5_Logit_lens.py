@@ -10,8 +10,8 @@ def main(lm, tp) -> None:
     st.caption(res.formula)
     chart = charts.line(res.frame, "layer", "ld", "run", res.title, subtitle="layer −1 = embedding")
     st.altair_chart(chart, width="stretch")
-    widgets.export_buttons(res.frame, "logit_lens", {"formula": res.formula, "site": "resid_post", "positions": "last",
-                                                     "metric": "ld"}, chart=chart)
+    widgets.export_buttons(res.frame, "logit_lens", {**res.meta(), "site": "resid_post",
+                                                     "positions": "last", "metric": "ld"}, chart=chart)
     st.dataframe(res.frame, hide_index=True, width="stretch")
 
 

@@ -118,6 +118,19 @@ class DLAResult(Result):
     def error(self) -> float:
         return self.ld_sum - self.ld_true
 
+    def layers(self) -> pd.DataFrame:
+        """The additive decomposition: embedding, attention and MLP (or block) per layer, bias terms."""
+        return self.frame[self.frame["kind"].isin(["embed", "attn", "mlp", "block", "bias"])]
+
+    def heads(self) -> pd.DataFrame:
+        return self.frame[self.frame["kind"] == "head"]
+
+    def top_heads(self, n: int = 3) -> list[tuple[int, int]]:
+        """(layer, head) of the n heads with the largest |DLA|."""
+        heads = self.heads()
+        top = heads.reindex(heads["dla"].abs().sort_values(ascending=False).index).head(n)
+        return [(int(r.layer), int(r.head)) for r in top.itertuples()]
+
     @property
     def relative_error(self) -> float:
         return abs(self.error) / max(abs(self.ld_true), 1e-9)

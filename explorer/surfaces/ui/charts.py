@@ -99,6 +99,12 @@ def drop_histogram(per_pair: pd.DataFrame) -> alt.Chart:
         title="Per-pair distribution of the clean-run drop, headline vs control", height=240)
 
 
+def token_bars(frame: pd.DataFrame, value: str, title: str) -> alt.Chart:
+    """One bar per token, in the frame's order (frame: token, value, ...)."""
+    return alt.Chart(frame).mark_bar().encode(x=alt.X("token:N", sort=None), y=f"{value}:Q",
+                                              tooltip=list(frame.columns)).properties(title=title, height=240)
+
+
 def dla_components(frame: pd.DataFrame, title: str) -> alt.Chart:
     """DLA of the embedding, each layer's attention and MLP (or block) and the bias terms."""
     return alt.Chart(frame).mark_bar().encode(
