@@ -94,6 +94,7 @@ def test_csv_and_json_hold_the_frame_and_the_spec(patching_view):
 def test_every_kind_of_chart_exports(demo_model):
     """Facets, layers and grouped bars (ablation, attention, DLA, lens) render offline too."""
     for view in (View("ablation", "demo", DEMO_PAIR, {"targets": "L1 attn, L2H0"}), View("attention", "demo", DEMO_PAIR),
+                 View("attention", "demo", DEMO_PAIR, {"heads": "1.4,2.0", "pos": "17"}, panel="rows"),
                  View("dla", "demo", DEMO_PAIR, panel="layers"), View("lens", "demo", DEMO_PAIR),
                  View("home", "demo", DEMO_PAIR)):
         shown = render(demo_model, view)

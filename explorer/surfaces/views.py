@@ -29,7 +29,7 @@ PAGES = {
     "attribution": ("pages/3_Attribution.py", ("estimate",)),
     "dla": ("pages/4_DLA.py", ("heads", "layers")),
     "lens": ("pages/5_Logit_lens.py", ("layers",)),
-    "attention": ("pages/6_Attention.py", ("rows",)),
+    "attention": ("pages/6_Attention.py", ("heatmaps", "rows")),
     "weights": ("pages/7_Weights.py", ("ov_tokens",)),
 }
 
@@ -223,14 +223,20 @@ def _lens(lm, tp, settings, panel):
 
 
 def _attention(lm, tp, settings, panel):
-    from explorer.analyses.attention import attention_from
+    from explorer.analyses.attention import attention_from, attention_grid
     from explorer.analyses.patching import parse_heads
     heads = parse_heads(str(settings.get("heads") or f"{lm.arch.n_layers - 1}.0"), lm.arch)
     query = _int(settings, "pos", tp.n_pos - 1)
-    res = attention_from(lm, tp, heads, query)
     caption = f"Query token: {tp.position_labels()[query]}."
-    return (charts.attention_bars(res.frame, res.title), res.frame, res.title, caption,
-            {"site": "attn_pattern", "positions": f"query {query}", "metric": "attention weight"})
+    fields = {"site": "attn_pattern", "positions": f"query {query}", "metric": "attention weight"}
+    if panel == "heatmaps":
+        run = _one_of(settings, "run", ("clean", "corrupted"), "clean")
+        n_run = len(tp.clean_ids if run == "clean" else tp.corrupted_ids)
+        grid = attention_grid(lm, tp, heads, run, query if query < n_run else None)
+        return (charts.attention_heatmaps(grid.frame, grid.title, grid.query_pos), grid.frame, grid.title, caption,
+                {**fields, "direction": f"{run} run"})
+    res = attention_from(lm, tp, heads, query)
+    return charts.attention_bars(res.frame, res.title), res.frame, res.title, caption, fields
 
 
 def _weights(lm, tp, settings, panel):
