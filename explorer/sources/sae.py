@@ -170,7 +170,7 @@ def _at_least_6(version) -> bool:
     return bool(m) and int(m.group(1)) >= 6
 
 
-class _Placement:
+class Placement:
     """What runtime.to_model needs to put a tensor where an SAE computes: a device and a dtype."""
 
     def __init__(self, device):
@@ -191,7 +191,7 @@ class SAE(torch.nn.Module):
                  folder: Path | None = None, device: str = "cpu"):
         super().__init__()
         self.cfg = cfg
-        where = _Placement(device)
+        where = Placement(device)
         p = lambda t: torch.nn.Parameter(to_model(where, t.detach().float()).clone(), requires_grad=False)  # noqa
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = p(W_enc), p(b_enc), p(W_dec), p(b_dec)
         self.threshold = p(threshold) if threshold is not None else None
@@ -208,7 +208,7 @@ class SAE(torch.nn.Module):
 
     def place(self, x: torch.Tensor) -> torch.Tensor:
         """x on the SAE's device in float32."""
-        return to_model(_Placement(self.device), x, torch.float32)
+        return to_model(Placement(self.device), x, torch.float32)
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:  # [..., d_in] -> [..., d_sae]
         x = self.place(x)
