@@ -12,6 +12,7 @@ import pytest
 from explorer.surfaces import cli
 from explorer.core.runtime import REPO_ROOT
 from explorer.surfaces.ui.state import DEMO_PAIR
+from explorer.surfaces.ui.widgets import PAGES
 from tests.browser import (PAGE_LINKS, chromium, chromium_available, current_link, edit_pair, errors, eulerian_walk,
                            new_page, open_page, problems, query, served_app, settle, sidebar_lds, sidebar_links)
 
@@ -125,7 +126,7 @@ def test_invalid_edit_is_one_message_on_every_page_and_a_valid_edit_recovers(pag
         assert problems(page) == []
         # (Weights reads only weights, but its token list starts as the pair's answers.)
         assert len(errors(page)) == 1 and "2 tokens, not one" in errors(page)[0], link
-        assert sidebar_links(page).count() == len(PAGE_LINKS), f"{link}: the page links are gone"
+        assert sidebar_links(page).count() == len(PAGES), f"{link}: the page links are gone"
     open_page(page, "Attention")
     edit_pair(page, "clean_answer", "")
     assert len(errors(page)) == 1 and "clean answer is empty" in errors(page)[0]

@@ -83,6 +83,8 @@ def share_box(container, title: str) -> None:
                 st.toast(f"Step {len(s.values[SESSION_STORY])} saved.")
             story = session_story()
             if story is not None:
+                s.values[SESSION_TITLE] = st.text_input("Story title", value=story.title, key="story_title")
+                story = session_story()
                 st.caption(f"{len(story.steps)} step(s) saved.")
                 st.download_button("Download the story (JSON)", stories.story_json(story), file_name="story.json",
                                    mime="application/json", key="story_download", on_click="ignore")
