@@ -19,7 +19,7 @@ import torch
 
 from explorer.core.adapters import SITE_ALIASES, SITES
 from explorer.core.errors import ExplorerInputError
-from explorer.core.runtime import HOST, REPO_ROOT, to_model
+from explorer.core.runtime import HOST, REPO_ROOT, to_host, to_model
 
 CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 SAE_LENS_FORMAT_VERSION = "6.54.12"  # what we write as metadata.sae_lens_version: >= 6 means "not the flat format"
@@ -335,7 +335,7 @@ def load_sae(folder, device: str = "cpu", hook_name: str | None = None) -> SAE:
         except (SafetensorError, OSError, ValueError, RuntimeError):
             raise ExplorerInputError(f"{sparsity_path} is not a readable safetensors file.") from None
         if sparsity is not None and tuple(sparsity.shape) == (cfg.d_sae,):
-            sae.sparsity = sparsity.float()
+            sae.sparsity = to_host(sparsity)
     sae.folder = path
     return sae
 
