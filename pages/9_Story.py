@@ -27,8 +27,8 @@ def rendered_step(model_key: str, view_key: str, _lm, _view: views.View) -> view
     return views.render(_lm, _view)
 
 
-def render(view: views.View) -> views.Rendered:
-    lm = state.shared_model(view.model, view.device, view.dtype)
+def render(view: views.View, lm=None) -> views.Rendered:
+    lm = lm or state.shared_model(view.model, view.device, view.dtype)
     return rendered_step(f"{lm.model_id}:{lm.weight_hash}:{lm.dtype}:{lm.device}", view.key(), lm, view)
 
 
@@ -52,12 +52,14 @@ def load(name: str):
 
 def controls(choices: dict[str, str]) -> tuple[str, bool]:
     """Story choice, upload and presenter mode, in one collapsed expander (out of the audience's way)."""
-    with st.expander("Story, upload and export", expanded=False):
+    with st.expander("Choose or upload a story; presenter mode", expanded=False):
         name = widgets.choice(st, "Story", "name", list(choices), format_func=choices.get)
         if name == UPLOADED:
             up = st.file_uploader("Story file (.json or .toml)", type=["json", "toml"], key="story_file")
-            if up is not None:
-                state.store().values["story_upload"] = (up.name, up.getvalue()[: stories.MAX_BYTES + 1])
+            if up is not None and up.size > stories.MAX_BYTES:
+                st.error(f"{up.name} is {up.size} bytes; a story file is at most {stories.MAX_BYTES}.")
+            elif up is not None:
+                state.store().values["story_upload"] = (up.name, up.getvalue())
         present = widgets.setting(st.toggle, "Presenting (hide the sidebar and the toolbar)", "present", True,
                                   parse=lambda v: v == "True", valid=lambda v: isinstance(v, bool))
     return name, present
@@ -110,13 +112,17 @@ def main(_lm, _tp) -> None:
     info_col.page_link(step.view.page_path(), label="Open this step live in the app", icon=":material/open_in_new:",
                        query_params=step.view.url_params())
     if shown is not None:
-        st.download_button("Download the whole story as one HTML file", lambda: story_file(story),
+        try:   # the models are looked up here: the download's callable runs outside this session's run
+            models = [state.shared_model(s.view.model, s.view.device, s.view.dtype) for s in story.steps]
+        except ExplorerInputError:
+            return
+        st.download_button("Download the whole story as one HTML file", lambda: story_file(story, models),
                            file_name="story.html", mime="text/html", on_click="ignore", key="story_html")
 
 
-def story_file(story) -> str:
+def story_file(story, models) -> str:
     """The story as the CLI exports it, from this process's models and cached steps."""
-    return stories.story_html(story, [render(s.view) for s in story.steps])
+    return stories.story_html(story, [render(s.view, lm) for s, lm in zip(story.steps, models)])
 
 
 widgets.run_page("Story", "story", main, needs_pair=False, pair_in_sidebar=False)

@@ -79,6 +79,8 @@ def load_story(path: str | Path) -> Story:
 
 def parse_story(raw: bytes | str, source: str = "story", toml: bool = False) -> Story:
     """Read and check a story; every problem in the file is listed in one ExplorerInputError."""
+    if len(raw) > MAX_BYTES:
+        raise ExplorerInputError(f"{source} is {len(raw)} bytes; a story file is at most {MAX_BYTES}.")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         data = tomllib.loads(text) if toml else json.loads(text)
