@@ -37,6 +37,8 @@ def test_spec_names_model_weights_prompts_site_positions_direction_metric(patchi
     assert spec["prompts"]["clean"] == DEMO_PAIR.clean and spec["prompts"]["corrupted_answer"] == DEMO_PAIR.corrupted_answer
     assert (spec["site"], spec["positions"], spec["direction"], spec["metric"]) == ("resid_post", "each", "denoise",
                                                                                    "recovery")
+    # The result's own spec (explorer.core.results) travels whole beside the view's.
+    assert spec["analysis"]["analysis"] == "patching" and spec["analysis"]["model"]["weight_hash"] == demo_model.weight_hash
 
 
 def test_png_is_a_png_at_twice_the_scale_with_the_spec_and_data_inside(patching_view):

@@ -25,7 +25,13 @@ SPEC_FIELDS = ("site", "positions", "direction", "metric")
 def run_spec(model: dict | None, pair: PromptPair | None = None, page: str | None = None,
              settings: dict | None = None, **fields) -> dict:
     """What produced a view: the model (`LoadedModel.describe()`), the prompt pair, the page and
-    its settings, plus named fields (site, positions, direction, metric, title, ...)."""
+    its settings, plus named fields (site, positions, direction, metric, title, ...). The result's own
+    spec (`result.spec`, from explorer.core.results; passed as `analysis=` or, from `result.meta()`,
+    as `spec=`) is kept whole under "analysis", and its parameters fill the four fields not given."""
+    analysis = fields.pop("analysis", None) or fields.pop("spec", None)
+    analysis = analysis if isinstance(analysis, dict) else None
+    params = (analysis or {}).get("params") or {}
+    model = model or (analysis or {}).get("model")
     spec: dict = {"tool": "Circuit Explorer"}
     if model:
         spec["model"] = {k: model[k] for k in ("model_id", "weight_hash", "family", "dtype", "device") if k in model}
@@ -35,11 +41,13 @@ def run_spec(model: dict | None, pair: PromptPair | None = None, page: str | Non
         spec["page"] = page
     if settings:
         spec["settings"] = {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool, list))}
-    for name in SPEC_FIELDS:   # the four that every chart title states; read from the settings if not given
-        value = fields.pop(name, None) or (settings or {}).get(name)
+    for name in SPEC_FIELDS:   # the four that every chart title states: given, else the result's, else the page's
+        value = fields.pop(name, None) or params.get(name) or (settings or {}).get(name)
         if value is not None:
             spec[name] = value
     spec.update({k: v for k, v in fields.items() if v is not None})
+    if analysis:
+        spec["analysis"] = analysis
     return _plain(spec)
 
 

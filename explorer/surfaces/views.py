@@ -103,7 +103,8 @@ def render(lm, view: View) -> Rendered:
     if panel not in panels:
         raise ExplorerInputError(f"The {view.page} page has no panel {panel!r}: one of {', '.join(panels)}.")
     tp = tokenize_pair(lm.tokenizer, view.pair, lm.arch)
-    chart, frame, title, caption, fields = RENDERERS[view.page](lm, tp, dict(view.settings), panel)
+    chart, frame, title, caption, fields, result = RENDERERS[view.page](lm, tp, dict(view.settings), panel)
+    fields = {**fields, "analysis": getattr(result, "spec", None)}
     spec = exports.run_spec(lm.describe(), view.pair, view.page, dict(view.settings), title=title, panel=panel,
                             **fields)
     words = [view.page, panel] + [str(fields[k]) for k in ("site", "positions", "direction") if k in fields]
@@ -115,7 +116,7 @@ def _home(lm, tp, settings, panel):
     from explorer.analyses.baseline import baseline
     res = baseline(lm, tp)
     title = f"Baseline: the two answers' logits (LD_clean = {res.ld_clean:+.2f}, LD_corr = {res.ld_corrupted:+.2f})"
-    return charts.answer_logits(res.answers, title), res.answers, title, res.formula, {"metric": "logit"}
+    return charts.answer_logits(res.answers, title), res.answers, title, res.formula, {"metric": "logit"}, res
 
 
 def _patching(lm, tp, settings, panel):
@@ -129,7 +130,7 @@ def _patching(lm, tp, settings, panel):
                  "recovery")
         chart = charts.heatmap(res.frame, "head", "layer", "recovery", title, select=False)
         return chart, res.frame, title, res.formula, {"site": f"head_out → {receiver}", "positions": "all",
-                                                      "direction": "denoise", "metric": "recovery"}
+                                                      "direction": "denoise", "metric": "recovery"}, res
     direction = _one_of(settings, "direction", ("denoise", "noise"), "denoise")
     if panel == "layer":
         layer = _int(settings, "layer", lm.arch.n_layers - 1)
@@ -139,7 +140,7 @@ def _patching(lm, tp, settings, panel):
         title = f"Layer {layer} ({kind}): " + res.title
         chart = charts.heatmap(res.frame, "pos", "head", res.metric, title, x_labels=labels, select=False)
         return chart, res.frame, title, res.formula, {"site": "head_out", "positions": positions,
-                                                      "direction": direction, "metric": res.metric, "layer": layer}
+                                                      "direction": direction, "metric": res.metric, "layer": layer}, res
     site = _one_of(settings, "site", ("resid_post", "resid_pre", "attn_out", "mlp_out", "head_out"), "resid_post")
     offered = ("each", "last", "all") if tp.same_length else ("last",)
     positions = _one_of(settings, "positions", offered, offered[0])
@@ -157,7 +158,7 @@ def _patching(lm, tp, settings, panel):
         frame = frame.assign(where=positions)
         chart = charts.heatmap(frame, "where", "layer", metric, title, select=False)
     return chart, frame, title, res.formula, {"site": site, "positions": positions, "direction": direction,
-                                              "metric": metric}
+                                              "metric": metric}, res
 
 
 def _ablation(lm, tp, settings, panel):
@@ -179,7 +180,7 @@ def _ablation(lm, tp, settings, panel):
     res = ablate_pair(lm, tp, parse_targets(targets_text, lm.arch), method, positions, reference)
     return (charts.ablation_bars(res.frame, res.title), res.frame, res.title, res.shift_formula,
             {"site": targets_text, "positions": str(positions), "direction": f"{method} ablation",
-             "metric": "shift"})
+             "metric": "shift"}, res)
 
 
 def _attribution(lm, tp, settings, panel):
@@ -197,7 +198,7 @@ def _attribution(lm, tp, settings, panel):
         chart = charts.heatmap(table, "pos", "layer", "estimate", title, x_labels=tp.position_labels(), select=False)
         positions = "each"
     return chart, table, title, res.formula, {"site": site, "positions": positions, "direction": "denoise",
-                                              "metric": "recovery estimate"}
+                                              "metric": "recovery estimate"}, res
 
 
 def _dla(lm, tp, settings, panel):
@@ -209,17 +210,17 @@ def _dla(lm, tp, settings, panel):
     heads = res.frame[res.frame["kind"] == "head"]
     if panel == "heads" and not heads.empty:
         title = res.title + ": per head"
-        return charts.heatmap(heads, "head", "layer", "dla", title, select=False), heads, title, caption, fields
+        return charts.heatmap(heads, "head", "layer", "dla", title, select=False), heads, title, caption, fields, res
     layers = res.frame[res.frame["kind"].isin(["embed", "attn", "mlp", "block", "bias"])]
     title = res.title + ": embedding, attention and MLP per layer"
-    return charts.dla_components(layers, title), layers, title, caption, fields
+    return charts.dla_components(layers, title), layers, title, caption, fields, res
 
 
 def _lens(lm, tp, settings, panel):
     from explorer.analyses.lens import logit_lens
     res = logit_lens(lm, tp)
     chart = charts.line(res.frame, "layer", "ld", "run", res.title, subtitle="layer −1 = embedding")
-    return chart, res.frame, res.title, res.formula, {"site": "resid_post", "positions": "last", "metric": "ld"}
+    return chart, res.frame, res.title, res.formula, {"site": "resid_post", "positions": "last", "metric": "ld"}, res
 
 
 def _attention(lm, tp, settings, panel):
@@ -234,9 +235,9 @@ def _attention(lm, tp, settings, panel):
         n_run = len(tp.clean_ids if run == "clean" else tp.corrupted_ids)
         grid = attention_grid(lm, tp, heads, run, query if query < n_run else None)
         return (charts.attention_heatmaps(grid.frame, grid.title, grid.query_pos), grid.frame, grid.title, caption,
-                {**fields, "direction": f"{run} run"})
+                {**fields, "direction": f"{run} run"}, grid)
     res = attention_from(lm, tp, heads, query)
-    return charts.attention_bars(res.frame, res.title), res.frame, res.title, caption, fields
+    return charts.attention_bars(res.frame, res.title), res.frame, res.title, caption, fields, res
 
 
 def _weights(lm, tp, settings, panel):
@@ -247,7 +248,7 @@ def _weights(lm, tp, settings, panel):
     matrix = ov_token_matrix(lm, layer, head, [t for t in tokens.split(",") if t])
     title = f"L{layer}H{head} OV: logit of each output token when attending to each input token"
     return (charts.heatmap(matrix, "output_token", "input_token", "logit", title, select=False), matrix, title,
-            "OV through the embedding and the unembedding.", {"site": f"L{layer}H{head} OV", "metric": "logit"})
+            "OV through the embedding and the unembedding.", {"site": f"L{layer}H{head} OV", "metric": "logit"}, None)
 
 
 RENDERERS = {"home": _home, "patching": _patching, "ablation": _ablation, "attribution": _attribution, "dla": _dla,
