@@ -123,3 +123,14 @@ def test_every_page_offers_picture_and_data_downloads_and_a_link(demo_model):
         assert links, path
     assert any("patching.site=head_out" in link for link in
                [c.value for c in (at.switch_page("pages/1_Patching.py").run()).code])
+
+
+def test_a_results_meta_fills_the_spec(demo_model):
+    """Pages may pass `result.meta()`: its spec is kept whole and names the model and the four fields."""
+    from explorer.analyses.patching import patch_sweep
+    from explorer.core.prompts import tokenize_pair
+    res = patch_sweep(demo_model, tokenize_pair(demo_model.tokenizer, DEMO_PAIR), "attn_out", "last", "noise")
+    spec = exports.run_spec(None, DEMO_PAIR, "patching", {}, **res.meta())
+    assert spec["model"]["weight_hash"] == demo_model.weight_hash and spec["analysis"] == res.spec
+    assert (spec["site"], spec["positions"], spec["direction"], spec["metric"]) == ("attn_out", "last", "noise", "damage")
+    assert spec["title"] == res.title
