@@ -1,5 +1,4 @@
 """Attribution patching (first-order Taylor) beside exact patching, with a ranked candidate table."""
-import altair as alt
 import streamlit as st
 
 from explorer.analyses.attribution import ATTR_SITES, attribution_patching, compare_with_exact, spearman
@@ -34,16 +33,11 @@ def main(lm, tp) -> None:
     progress = widgets.progress_callback("Exact patching")
     merged = compare_with_exact(lm, tp, res, site, progress=progress)
     rho = spearman(merged["estimate"], merged["exact"])
-    scatter = alt.Chart(merged).mark_circle(size=60).encode(
-        x=alt.X("exact:Q", title="exact recovery (activation patching)"),
-        y=alt.Y("estimate:Q", title="attribution estimate"),
-        color="layer:O", tooltip=list(merged.columns)).properties(
-        title=f"{site}: attribution estimate vs exact denoising recovery (Spearman ρ = {rho:.3f})", height=360)
-    line = alt.Chart(merged).mark_line(color="grey", strokeDash=[4, 4]).encode(x="exact:Q", y="exact:Q")
-    st.altair_chart(scatter + line, width="stretch")
-    widgets.export_buttons(merged, f"attribution_vs_exact_{site}", {"site": site, "direction": "denoise",
-                                                                    "metric": "recovery", "spearman": rho},
-                           chart=scatter + line)
+    chart = charts.estimate_vs_exact(merged, "estimate", "exact", f"{site}: attribution estimate vs exact denoising "
+                                     f"recovery (Spearman ρ = {rho:.3f})", color="layer")
+    st.altair_chart(chart, width="stretch")
+    widgets.export_buttons(merged, f"attribution_vs_exact_{site}", {**res.meta(), "site": site, "metric": "recovery",
+                                                                    "spearman": rho}, chart=chart)
     st.metric("Spearman rank correlation", f"{rho:.3f}")
 
     st.subheader("Ranked head candidates")

@@ -105,6 +105,36 @@ def token_bars(frame: pd.DataFrame, value: str, title: str) -> alt.Chart:
                                               tooltip=list(frame.columns)).properties(title=title, height=240)
 
 
+def estimate_vs_exact(frame: pd.DataFrame, estimate: str, exact: str, title: str, color: str | None = None,
+                      height: int = 360) -> alt.LayerChart:
+    """A first-order estimate against the exact effect, one point per cell, with the y = x line."""
+    enc = dict(x=alt.X(f"{exact}:Q", title=f"exact ({exact})"), y=alt.Y(f"{estimate}:Q", title=f"estimate ({estimate})"),
+               tooltip=list(frame.columns))
+    if color:
+        enc["color"] = f"{color}:O"
+    points = alt.Chart(frame).mark_circle(size=60).encode(**enc)
+    diagonal = alt.Chart(frame).mark_line(color="grey", strokeDash=[4, 4]).encode(x=f"{exact}:Q", y=f"{exact}:Q")
+    return (points + diagonal).properties(title=title, height=height)
+
+
+def activation_histogram(frame: pd.DataFrame, title: str) -> alt.Chart:
+    """Counts per activation bin (frame: bin_lo, bin_hi, count), log-spaced bins drawn on a log axis."""
+    return alt.Chart(frame[frame["count"] > 0]).mark_bar().encode(
+        x=alt.X("bin_lo:Q", scale=alt.Scale(type="log"), title="activation (when firing)"), x2="bin_hi:Q",
+        y=alt.Y("count:Q", title="held-out tokens"), tooltip=list(frame.columns)).properties(title=title, height=220)
+
+
+def knockdown_strip(per_pair: pd.DataFrame, random: pd.DataFrame, title: str) -> alt.LayerChart:
+    """Per-pair LD drops of the knocked-down latents (dots, coloured by whether they fire) beside the mean drop of
+    each random set of similar frequency (grey ticks)."""
+    pairs = alt.Chart(per_pair.assign(kind="target latents, per pair")).mark_circle(size=50, opacity=0.7).encode(
+        x=alt.X("drop:Q", title="drop in LD (logits)"), y=alt.Y("kind:N", title=None),
+        color=alt.Color("active:N", title="fires"), tooltip=list(per_pair.columns))
+    rand = alt.Chart(random.assign(kind="random latents, mean per set")).mark_tick(color="grey", thickness=2).encode(
+        x="mean_drop:Q", y="kind:N", tooltip=list(random.columns))
+    return (pairs + rand).properties(title=title, height=140)
+
+
 def dla_components(frame: pd.DataFrame, title: str) -> alt.Chart:
     """DLA of the embedding, each layer's attention and MLP (or block) and the bias terms."""
     return alt.Chart(frame).mark_bar().encode(

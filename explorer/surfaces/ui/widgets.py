@@ -117,6 +117,7 @@ PAGES = [("app.py", "Home", ":material/home:", None),
          ("pages/6_Attention.py", "Attention", ":material/visibility:", "Readouts"),
          ("pages/7_Weights.py", "Weights", ":material/hub:", "Readouts"),
          ("pages/8_Prompt_sets.py", "Prompt sets", ":material/dataset:", "Data"),
+         ("pages/10_SAE.py", "SAE features", ":material/scatter_plot:", "Features"),
          ("pages/9_Story.py", "Story", ":material/slideshow:", "Talks")]
 
 
