@@ -23,7 +23,8 @@ from explorer.core import engine
 from explorer.core.cache import get_activations
 from explorer.core.errors import ExplorerInputError
 from explorer.core.metrics import LD_FORMULA, RECOVERY_FORMULA, logit_diff
-from explorer.core.prompts import PromptPair, TokenizedPair, show_token, tokenize_pair
+from explorer.core.prompts import TokenizedPair, show_token, tokenize_pair
+from explorer.core.results import jsonable
 from explorer.core.runtime import HOST, to_host
 from explorer.sources.sae import SAE, check_fits
 
@@ -115,7 +116,7 @@ class PairLatents:
                              for i in order if diff[i] != 0])
 
     def to_json(self) -> dict:
-        return {"sae": self.sae, "top": _frame_json(self.top), "warnings": list(self.warnings)}
+        return jsonable({"sae": self.sae, "top": _frame_json(self.top), "warnings": list(self.warnings)})
 
 
 def pair_latents(lm, sae: SAE, pair, top_n: int = 5) -> PairLatents:
@@ -154,10 +155,10 @@ class LatentAttribution:
     recovery_formula: str = RECOVERY_FORMULA
 
     def to_json(self) -> dict:
-        return {"sae": self.sae, "ld_clean": self.ld_clean, "ld_corrupted": self.ld_corrupted,
+        return jsonable({"sae": self.sae, "ld_clean": self.ld_clean, "ld_corrupted": self.ld_corrupted,
                 "formula": self.formula, "recovery_formula": self.recovery_formula,
                 "cells": _frame_json(self.cells), "per_latent": _frame_json(self.per_latent),
-                "exact": _frame_json(self.exact)}
+                "exact": _frame_json(self.exact)})
 
 
 def latent_attribution(lm, sae: SAE, pair, exact_top: int = 10) -> LatentAttribution:
@@ -203,6 +204,33 @@ def latent_attribution(lm, sae: SAE, pair, exact_top: int = 10) -> LatentAttribu
         exact["ld_patched"] = lds
         exact["exact"] = (lds - ld_corr) / span
     return LatentAttribution(sae.describe(), ld_clean, ld_corr, cells, per_latent, exact)
+
+
+def patch_latents(lm, sae: SAE, pair, latent_sets: list[list[int]], positions="all") -> pd.DataFrame:
+    """Exact denoising patch of whole latents: each set's clean values go into the corrupted run at every position
+    >= 1 (or the given positions), the error term kept; one row per set (latents, ld_patched, recovery), one pass."""
+    check_fits(sae, lm)
+    tp = _as_tokenized(lm, pair)
+    tp.require_same_length("Latent patching")
+    answers = (tp.clean_answer_id, tp.corrupted_answer_id)
+    logits_clean, act_clean = _prompt_acts(lm, sae, tp.clean_ids)
+    logits_corr, act_corr = _prompt_acts(lm, sae, tp.corrupted_ids)
+    ld_clean = float(logit_diff(logits_clean[None], *answers)[0])
+    ld_corr = float(logit_diff(logits_corr[None], *answers)[0])
+    z_clean, z_corr = _latents(sae, act_clean), _latents(sae, act_corr)
+    where = list(range(1, tp.n_pos)) if positions == "all" else [int(p) for p in positions]
+    values = []
+    for latents in latent_sets:
+        latents = [sae.check_latent(int(i)) for i in latents]
+        z_new = z_corr.clone()
+        for p in where:
+            z_new[p, latents] = z_clean[p, latents]
+        values.append(splice(sae, act_corr, z_new, z_corr))
+    logits = _run_values(lm, sae, tp.corrupted_ids, torch.stack(values), answers)
+    lds = (logits[:, 0] - logits[:, 1]).numpy()
+    span = ld_clean - ld_corr
+    return pd.DataFrame({"latents": [",".join(map(str, s)) for s in latent_sets], "ld_patched": lds,
+                         "recovery": (lds - ld_corr) / span if span else np.nan})
 
 
 # ---------------- feature index ----------------
@@ -389,9 +417,9 @@ class FeatureCard:
     pairs: pd.DataFrame
 
     def to_json(self) -> dict:
-        return {"sae": self.sae, "latent": self.latent, "frequency": self.frequency,
+        return jsonable({"sae": self.sae, "latent": self.latent, "frequency": self.frequency,
                 "contexts": _frame_json(self.contexts), "histogram": _frame_json(self.histogram),
-                "logit_effects": _frame_json(self.logit_effects), "pairs": _frame_json(self.pairs)}
+                "logit_effects": _frame_json(self.logit_effects), "pairs": _frame_json(self.pairs)})
 
 
 def feature_card(lm, sae: SAE, latent: int, index: FeatureIndex | None = None, n_contexts: int = 10,
@@ -464,8 +492,8 @@ class KnockdownResult:
     formula: str = "drop = LD_clean − LD_clean with the latents ablated (error term kept)"
 
     def to_json(self) -> dict:
-        return {"sae": self.sae, "latents": list(self.latents), "method": self.method, "formula": self.formula,
-                "summary": self.summary, "per_pair": _frame_json(self.per_pair), "random": _frame_json(self.random)}
+        return jsonable({"sae": self.sae, "latents": list(self.latents), "method": self.method, "formula": self.formula,
+                "summary": self.summary, "per_pair": _frame_json(self.per_pair), "random": _frame_json(self.random)})
 
 
 def _similar_frequency(freq: torch.Tensor, targets: list[int], rng: np.random.Generator, pool: int = 50) -> list[int]:
@@ -563,9 +591,9 @@ class SteeringResult:
         return self.ld_steered - self.ld
 
     def to_json(self) -> dict:
-        return {"sae": self.sae, "latent": self.latent, "alpha": self.alpha, "positions": self.positions,
+        return jsonable({"sae": self.sae, "latent": self.latent, "alpha": self.alpha, "positions": self.positions,
                 "ld": self.ld, "ld_steered": self.ld_steered, "ld_change": self.ld_change, "top": _frame_json(self.top),
-                "continuation": self.continuation, "continuation_steered": self.continuation_steered}
+                "continuation": self.continuation, "continuation_steered": self.continuation_steered})
 
 
 def _steered_logits(lm, sae: SAE, ids: list[int], direction: torch.Tensor, positions) -> torch.Tensor:
@@ -631,9 +659,9 @@ class HealthResult:
     mean_from: str
 
     def to_json(self) -> dict:
-        return {"sae": self.sae, "per_position": _frame_json(self.per_position), "ld": self.ld,
+        return jsonable({"sae": self.sae, "per_position": _frame_json(self.per_position), "ld": self.ld,
                 "ld_reconstructed": self.ld_reconstructed, "fvu": self.fvu, "mean_from": self.mean_from,
-                "formula": LD_FORMULA}
+                "formula": LD_FORMULA})
 
 
 def reconstruction_health(lm, sae: SAE, pair, index: FeatureIndex | None = None) -> HealthResult:

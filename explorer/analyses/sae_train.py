@@ -54,6 +54,7 @@ class TrainSpec:
     checkpoint_every: int = 100_000  # activations
     eval_tokens: int = 20_000  # held-out activations for FVU, L0, dead latents and the feature index
     ce_tokens: int = 4_000  # held-out tokens for the cross-entropy comparison (three full passes each)
+    max_minutes: float = 0.0  # > 0: stop drawing activations after this much training time (the card says so)
 
 
 # ---------------- activations ----------------
@@ -246,7 +247,7 @@ def _load_checkpoint(folder: Path, trainer: TopKTrainer, opt: torch.optim.Adam, 
 def _resumable(spec: TrainSpec) -> dict:
     """The settings a checkpoint must share with the run that resumes it (not the device or evaluation sizes)."""
     d = asdict(spec)
-    for key in ("device", "eval_tokens", "ce_tokens", "checkpoint_every"):
+    for key in ("device", "eval_tokens", "ce_tokens", "checkpoint_every", "max_minutes"):
         d.pop(key)
     return d
 
@@ -409,6 +410,9 @@ def train(spec: TrainSpec, out, progress: bool = True, command: str = "", thread
                         l0=f"{last.get('l0', 0):.1f}")
         if state["tokens"] >= spec.tokens:
             break
+        if spec.max_minutes and state["seconds"] + time.time() - started > 60 * spec.max_minutes:
+            state["stopped_early"] = f"time budget of {spec.max_minutes:g} minutes reached"
+            break
         if state["tokens"] - last_ckpt >= spec.checkpoint_every:
             state["seconds"] += time.time() - started
             started = time.time()
@@ -461,6 +465,7 @@ def finish(spec: TrainSpec, sae: SAE, out: Path, state: dict, act_lm, corpus_nam
         "k": spec.k, "corpus": corpus_name, "tokens_seen": state["tokens"],
         "training_activations": state["tokens"] * spec.reuse, "steps": state["steps"],
         "training_seconds": round(state["seconds"], 1), "command": command,
+        "stopped_early": state.get("stopped_early"),
         "heldout": {"tokens": index.n_counted, "fvu": index.fvu, "l0": index.l0,
                     "dead_latents": int((index.counts == 0).sum()),
                     "dead_fraction": float((index.counts == 0).float().mean()), **ce},
@@ -530,7 +535,9 @@ def card_markdown(card: dict) -> str:
         f"# SAE card: {card['model']} {card['hook_name']} (TopK, d_sae {card['d_sae']}, k {card['k']})", "",
         f"Trained by Circuit Explorer on `{card['corpus']}` ({card['tokens_seen']:,} training tokens, "
         f"{card['training_activations']:,} activations trained on, {card['steps']:,} steps, "
-        f"{card['training_seconds']:.0f} s). Weights in float16.", "",
+        f"{card['training_seconds']:.0f} s). Weights in float16."
+        + (f" Stopped early: {card['stopped_early']} (of {card['spec']['tokens']:,} planned tokens)."
+           if card.get("stopped_early") else ""), "",
         "Measured on the held-out split (documents never trained on):", "",
         "| measure | value | goal |", "|---|---|---|",
         f"| fraction of variance unexplained (FVU) | {h['fvu']:.3f} | <= 0.2 ({ok(h['fvu'] <= 0.2)}) |",
@@ -539,8 +546,8 @@ def card_markdown(card: dict) -> str:
         f"| dead latents (never fire on {h['tokens']:,} held-out tokens) | {h['dead_latents']} "
         f"({h['dead_fraction']:.1%}) | <= 5% ({ok(h['dead_fraction'] <= 0.05)}) |",
         f"| L0 (active latents per token) | {h['l0']:.1f} | k = {card['k']} |",
-        f"| CE clean / with SAE / zero-ablated | {h['ce_clean']:.3f} / {h['ce_with_sae']:.3f} / "
-        f"{h['ce_zero_ablation']:.3f} (over {h['ce_tokens']:,} tokens) | |", "",
+        f"| CE clean / with SAE / zero-ablated (nats) | {h['ce_clean']:.4g} / {h['ce_with_sae']:.4g} / "
+        f"{h['ce_zero_ablation']:.4g} (over {h['ce_tokens']:,} tokens) | |", "",
         f"Model weights sha256 `{card['model_weight_hash']}`.", "",
         card["notes"], "",
         "Reproduce:", "", "```", card["command"] or "(command not recorded)", "```", "",

@@ -356,6 +356,19 @@ COMMANDS = {"baseline": cmd_baseline, "patch": cmd_patch, "ablate": cmd_ablate, 
             "story": cmd_story}
 
 
+# ---- SAE and corpus commands (explorer/surfaces/sae_cli.py): registered here, in one block ----
+from explorer.surfaces import sae_cli as _sae_cli  # noqa: E402
+
+_core_parser = build_parser
+
+
+def build_parser() -> argparse.ArgumentParser:  # noqa: F811 - the core parser plus `sae` and `corpus`
+    parser = _core_parser()
+    _sae_cli.register(parser, COMMANDS, _model_args, _pair_args)
+    return parser
+# ---- end of SAE commands ----
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
