@@ -126,11 +126,9 @@ def _patching(lm, tp, settings, panel):
         from explorer.analyses.paths import parse_receiver, path_patch
         receiver = settings.get("receiver") or "logits"
         res = path_patch(lm, tp, parse_receiver(receiver, lm.arch))
-        title = (f"Path patching, sender head_out (all positions) → {receiver}, clean → corrupted run (denoise): "
-                 "recovery")
-        chart = charts.heatmap(res.frame, "head", "layer", "recovery", title, select=False)
-        return chart, res.frame, title, res.formula, {"site": f"head_out → {receiver}", "positions": "all",
-                                                      "direction": "denoise", "metric": "recovery"}, res
+        chart = charts.patch_heatmap(res, [], select=False)
+        return chart, res.frame, _title(chart, res.title), res.formula, {
+            "site": f"head_out → {receiver}", "positions": "all", "direction": "denoise", "metric": "recovery"}, res
     direction = _one_of(settings, "direction", ("denoise", "noise"), "denoise")
     if panel == "layer":
         layer = _int(settings, "layer", lm.arch.n_layers - 1)
@@ -145,20 +143,15 @@ def _patching(lm, tp, settings, panel):
     offered = ("each", "last", "all") if tp.same_length else ("last",)
     positions = _one_of(settings, "positions", offered, offered[0])
     res = patch_sweep(lm, tp, site, positions, direction)
-    metric, frame, title = res.metric, res.frame, res.title
-    if site == "head_out":
-        if positions != "all":
-            frame = frame.groupby(["layer", "head"], as_index=False)[metric].apply(lambda s: s.abs().max())
-            title += " (max |value| over positions)"
-        chart = charts.heatmap(frame, "head", "layer", metric, title, select=False)
-    elif positions == "each":
-        chart = charts.heatmap(frame, "pos", "layer", metric, title, x_labels=labels, select=False,
-                               subtitle="Outlined: positions where the input tokens differ.")
-    else:
-        frame = frame.assign(where=positions)
-        chart = charts.heatmap(frame, "where", "layer", metric, title, select=False)
-    return chart, frame, title, res.formula, {"site": site, "positions": positions, "direction": direction,
-                                              "metric": metric}, res
+    chart = charts.patch_heatmap(res, labels, select=False)   # the Patching page's own chart
+    frame = res.per_layer_and_head() if site == "head_out" and positions == "each" else res.frame
+    return chart, frame, _title(chart, res.title), res.formula, {"site": site, "positions": positions,
+                                                                 "direction": direction, "metric": res.metric}, res
+
+
+def _title(chart, default: str) -> str:
+    title = getattr(chart, "title", None)
+    return getattr(title, "text", None) or (title if isinstance(title, str) else default)
 
 
 def _ablation(lm, tp, settings, panel):
