@@ -200,11 +200,11 @@ def _dla(lm, tp, settings, panel):
     res = dla(lm, tp, run)
     caption = f"{res.formula}. True LD {res.ld_true:+.4f}, sum of components {res.ld_sum:+.4f} (error {res.error:+.1e})."
     fields = {"site": "direct path to the logits", "positions": "last", "direction": f"{run} run", "metric": "dla"}
-    heads = res.frame[res.frame["kind"] == "head"]
+    heads = res.heads()
     if panel == "heads" and not heads.empty:
         title = res.title + ": per head"
         return charts.heatmap(heads, "head", "layer", "dla", title, select=False), heads, title, caption, fields, res
-    layers = res.frame[res.frame["kind"].isin(["embed", "attn", "mlp", "block", "bias"])]
+    layers = res.layers()
     title = res.title + ": embedding, attention and MLP per layer"
     return charts.dla_components(layers, title), layers, title, caption, fields, res
 
