@@ -359,7 +359,7 @@ def build_feature_index(lm, sae: SAE, corpus, n_tokens: int, context: int = 128,
     mean = (sum_vec / counted)
     var = sum_x2 - counted * float(mean.pow(2).sum())
     top_t[top_v <= 0] = -1
-    meta = {"sae": sae.describe(), "model": lm.model_id, "corpus": corpus.name, "split": corpus.split,
+    meta = {"sae": {**sae.describe(), "folder": None}, "model": lm.model_id, "corpus": corpus.name, "split": corpus.split,
             "context": context, "n_counted": counted, "n_tokens": int(sum(len(t) for t in tokens)),
             "fvu": err2 / var if var > 0 else float("nan"), "l0": active / counted, "d_sae": d_sae,
             "note": "top contexts keep at most one token per window and latent"}

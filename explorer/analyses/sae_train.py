@@ -451,13 +451,16 @@ def finish(spec: TrainSpec, sae: SAE, out: Path, state: dict, act_lm, corpus_nam
 
     full = load_model(spec.model, device=spec.device, dtype=spec.dtype, threads=threads)
     sae.cfg = replace(sae.cfg, metadata={**sae.cfg.metadata, "model_weight_hash": full.weight_hash})
+    with torch.no_grad():  # the card describes the weights as shipped: rounded to float16 first
+        for p in sae.parameters():
+            p.copy_(p.half().float())
     heldout = corpora.load(corpus_name, "heldout")
     index = sae_features.build_feature_index(act_lm, sae, heldout, spec.eval_tokens, spec.context,
                                              batch=spec.model_batch, progress=progress)
+    index.meta["model"] = spec.model  # the cut-down copy that computed it is a local detail
     ce = cross_entropy_recovered(full, sae, heldout, spec.ce_tokens, spec.context, spec.model_batch, progress)
     sae.sparsity = log10_frequency(index.counts, index.n_counted)
     save_sae(sae, out, dtype="float16", sparsity=sae.sparsity)
-    # the card describes the weights as shipped (float16), so reload them before measuring anything else
     index.save(out)
     card = {
         "model": spec.model, "model_weight_hash": full.weight_hash, "hook_name": sae.cfg.hook_name,
