@@ -72,7 +72,7 @@ def test_heatmap_chart_has_both_axes_labelled_and_hover_values(demo_model):
     grid = attention_grid(demo_model, tp, [(2, 1), (3, 1)], "clean", query_pos=20)
     spec = charts.attention_heatmaps(grid.frame, grid.title, grid.query_pos).to_dict()
     text = json.dumps(spec)
-    assert spec["facet"]["field"] == "head_label" and spec["columns"] == 3   # heads side by side
+    assert spec["facet"]["field"] == "head_label" and spec["columns"] >= 2   # heads side by side
     layer = spec["spec"]["layer"][0]
     assert layer["encoding"]["x"]["field"] == "key_token" and layer["encoding"]["y"]["field"] == "query_token"
     assert any(t.get("field") == "weight" for t in layer["encoding"]["tooltip"])

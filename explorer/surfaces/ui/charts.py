@@ -151,12 +151,15 @@ def attention_bars(frame: pd.DataFrame, title: str) -> alt.Chart:
     ).properties(width=900, height=180, title=title)
 
 
-def attention_heatmaps(frame: pd.DataFrame, title: str, query_pos: int = -1, columns: int = 3,
+def attention_heatmaps(frame: pd.DataFrame, title: str, query_pos: int = -1, columns: int | None = None,
                        cell: int = 16) -> alt.Chart:
     """Query x key attention weights, one heatmap per head side by side (frame: head_label, query_pos,
     query_token, key_pos, key_token, weight); token labels on both axes, the exact weight on hover.
-    The row of `query_pos` (where patching found the effect) is outlined."""
+    The row of `query_pos` (where patching found the effect) is outlined. By default as many heads
+    share a row as fit in about 1400 px (at most 3)."""
     order = list(dict.fromkeys(frame.sort_values("key_pos")["key_token"]))
+    if columns is None:
+        columns = max(1, min(3, 1400 // (cell * len(order) + 140)))
     x = alt.X("key_token:N", sort=order, title="key (attended to)",
               axis=alt.Axis(labelAngle=-60, labelLimit=120, labelOverlap=False))
     y = alt.Y("query_token:N", sort=order, title="query (attending)", axis=alt.Axis(labelLimit=120, labelOverlap=False))
