@@ -227,3 +227,22 @@ def test_feature_index_card_and_logit_effects(demo_model, sae, tmp_path):
     top = card.logit_effects[card.logit_effects["direction"] == "promoted"].iloc[0]
     assert top["token_id"] == int(logits.argmax()) and top["logit"] == pytest.approx(float(logits.max()), rel=1e-4)
     assert set(card.to_json()) >= {"contexts", "histogram", "logit_effects", "frequency"}
+
+
+def test_shipped_saes_load_fit_and_carry_cards(demo_model):
+    import json
+
+    from explorer.sources.sae import SHIPPED_DIR, resolve_sae, shipped_saes
+    shipped = shipped_saes()
+    assert "demo-resid_post-1" in [s["name"] for s in shipped]
+    for entry in shipped:
+        folder = SHIPPED_DIR / entry["name"]
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        assert size <= 40 * 2**20 and (folder / "sae_weights.safetensors").stat().st_size <= 20 * 2**20
+        card = json.loads((folder / "card.json").read_text())
+        assert {"fvu", "ce_loss_recovered", "dead_fraction", "l0"} <= set(card["heldout"])
+        assert card["command"].startswith("python -m explorer sae train")
+    sae = resolve_sae("demo-resid_post-1")
+    assert sae.cfg.site == ("resid_post", 1) and sf.check_fits(sae, demo_model) == []
+    index = sf.load_feature_index(sae.folder)
+    assert index.meta["model"] == "demo" and index.top_tokens.shape[0] == sae.d_sae

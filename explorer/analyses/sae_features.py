@@ -382,21 +382,21 @@ def latent_values_at(index: FeatureIndex, latent: int, token_positions: torch.Te
 # ---------------- logit effects ----------------
 def logit_effects(lm, sae: SAE, latent: int, top: int = 10) -> pd.DataFrame:
     """The decoder direction through the final norm's gain (and centring, for LayerNorm) and the unembedding:
-    the tokens it promotes and suppresses most (direction, rank, token, logit)."""
+    the tokens it promotes and suppresses most (direction, rank, token, logit). The norm's scale is left out: it
+    depends on the residual the direction is added to, and it only rescales every logit alike."""
     sae.check_latent(latent)
     fam = lm.arch.family
-    direction = to_host(sae.decoder_rows()[latent]).double()
+    direction = to_host(sae.decoder_rows()[latent])
     if fam.norm_kind == "layernorm":
         direction = direction - direction.mean()
-    norm = lm.sites.final_norm(lm.torch_model)
-    gain = getattr(norm, "weight", None)
+    gain = getattr(lm.sites.final_norm(lm.torch_model), "weight", None)
     if gain is not None:
-        direction = direction * (to_host(gain).double() + fam.norm_weight_offset)
-    W_U = to_host(lm.sites.unembed(lm.torch_model).weight).double()  # [vocab, d_model]
-    logits = (W_U @ direction).float()
+        direction = direction * (to_host(gain) + fam.norm_weight_offset)
+    W_U = to_host(lm.sites.unembed(lm.torch_model).weight)  # [vocab, d_model]; no copy for a CPU float32 model
+    logits = W_U @ direction
     rows = []
-    for name, order in (("promoted", logits.argsort(descending=True)), ("suppressed", logits.argsort())):
-        for rank, tok in enumerate(order[:top].tolist()):
+    for name, (values, index) in (("promoted", logits.topk(top)), ("suppressed", (-logits).topk(top))):
+        for rank, tok in enumerate(index.tolist()):
             rows.append({"direction": name, "rank": rank, "token_id": tok, "token": show_token(lm.tokenizer, tok),
                          "logit": float(logits[tok])})
     return pd.DataFrame(rows)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -272,13 +271,16 @@ class SAE(torch.nn.Module):
 SHIPPED_DIR = REPO_ROOT / "explorer" / "sources" / "saes"
 
 
-def shipped_saes() -> list[dict]:
-    """The SAEs that ship with the app: name, folder, hook and the model they were trained for."""
+def shipped_saes(model_name: str | None = None) -> list[dict]:
+    """The SAEs that ship with the app (name, folder, hook, d_sae, k, the model they were trained for), all or those
+    for one model ('demo', 'smollm2')."""
     out = []
     for cfg_path in sorted(SHIPPED_DIR.glob(f"*/{CFG_FILE}")):
         try:
             cfg = SAEConfig.from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
         except (ExplorerInputError, ValueError):
+            continue
+        if model_name is not None and cfg.model_name != model_name:
             continue
         out.append({"name": cfg_path.parent.name, "folder": str(cfg_path.parent), "hook_name": cfg.hook_name,
                     "model_name": cfg.model_name, "d_sae": cfg.d_sae, "k": cfg.k})
@@ -424,7 +426,3 @@ def random_sae(cfg: SAEConfig, seed: int = 0, threshold: float = 0.0) -> SAE:
     b_dec = torch.randn(cfg.d_in, generator=gen, device=HOST) * 0.1
     thr = torch.full((cfg.d_sae,), float(threshold), device=HOST) if cfg.architecture == "jumprelu" else None
     return SAE(cfg, W_dec.T.contiguous(), b_enc, W_dec, b_dec, thr)
-
-
-def finite_or_none(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
