@@ -195,3 +195,13 @@ def test_an_sae_for_another_model_or_latent_out_of_range(demo_model):
     assert check_fits(fits, demo_model) == []
     with pytest.raises(ExplorerInputError, match="Latent 48 is out of range"):
         fits.check_latent(48)
+
+
+def test_spliced_positions_leave_out_position_zero_and_massive_activations():
+    from explorer.sources.sae import spliced_positions
+    act = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(0))
+    act[:, 0] *= 1000  # the attention sink
+    act[1, 4] *= 500  # a later massive activation
+    keep = spliced_positions(act)
+    assert not keep[:, 0].any() and not keep[1, 4]
+    assert keep[0, 1:].all() and keep[1, [1, 2, 3, 5, 6, 7, 8]].all()

@@ -26,7 +26,7 @@ from explorer.core.metrics import LD_FORMULA, RECOVERY_FORMULA, logit_diff
 from explorer.core.prompts import TokenizedPair, show_token, tokenize_pair
 from explorer.core.results import jsonable
 from explorer.core.runtime import HOST, to_host
-from explorer.sources.sae import SAE, check_fits
+from explorer.sources.sae import SAE, check_fits, spliced_positions
 
 SPLICE_FORMULA = "site value = decode(latents_new) + (activation − decode(latents)) at positions ≥ 1 (error term kept)"
 ATTRIBUTION_FORMULA = ("estimate(pos, latent) = (z_clean − z_corr) · dLD/dz at the corrupted run, "
@@ -50,17 +50,19 @@ def _prompt_acts(lm, sae: SAE, ids) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _latents(sae: SAE, act: torch.Tensor) -> torch.Tensor:
-    """[pos, d_sae] on the CPU; position 0 is all zeros (never encoded)."""
+    """[pos, d_sae] on the CPU; all zeros at positions that are not spliced (position 0, outliers)."""
     z = to_host(sae.encode(act))
-    z[0] = 0.0
+    z[~spliced_positions(act)] = 0.0
     return z
 
 
 def splice(sae: SAE, act: torch.Tensor, latents_new: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """The site value that carries latents_new: decode(new) + error term, at positions >= 1. [..., pos, d_in]."""
+    """The site value that carries latents_new: decode(new) + error term at the spliced positions (not position 0,
+    no outliers), the activation itself elsewhere. [..., pos, d_in]."""
     error = act - to_host(sae.decode(latents))
     out = to_host(sae.decode(latents_new)) + error
-    out[..., 0, :] = act[..., 0, :]
+    keep = spliced_positions(act)
+    out[~keep] = act[~keep]
     return out
 
 
@@ -301,8 +303,9 @@ def load_feature_index(folder) -> FeatureIndex | None:
 @torch.no_grad()
 def build_feature_index(lm, sae: SAE, corpus, n_tokens: int, context: int = 128, batch: int = 8, n_top: int = 20,
                         bins: int = 24, progress: bool = False) -> FeatureIndex:
-    """Encode `n_tokens` held-out tokens (windows in corpus order, position 0 left out) and keep what a feature card
-    needs. Also measures FVU = Σ‖x − x̂‖² / Σ‖x − mean‖² and L0 over the same tokens."""
+    """Encode `n_tokens` held-out tokens (windows in corpus order, at the spliced positions: not position 0, no
+    outliers) and keep what a feature card needs. Also measures FVU = Σ‖x − x̂‖² / Σ‖x − mean‖² and L0 over the
+    same tokens."""
     from tqdm import tqdm
 
     site, layer = _site(sae)
@@ -315,7 +318,7 @@ def build_feature_index(lm, sae: SAE, corpus, n_tokens: int, context: int = 128,
     tokens, starts, offsets, lat_ids, values = [], [0], [0], [], []
     err2 = sum_x = sum_x2 = 0.0
     sum_vec = None
-    counted = active = 0
+    counted = active = outliers = 0
     bar = tqdm(total=n_tokens, unit="tok", desc="feature index", file=sys.stderr, disable=not progress)
     for ids in corpus.batches(context, batch, shuffle=False):
         from explorer.analyses.sae_train import site_activations
@@ -323,11 +326,15 @@ def build_feature_index(lm, sae: SAE, corpus, n_tokens: int, context: int = 128,
         act = site_activations(lm, ids, site, layer)  # [b, pos, d]
         for row in range(len(ids)):
             x = act[row, 1:]
+            kept = spliced_positions(act[row])[1:]
+            outliers += int((~kept).sum())
             z = to_host(sae.encode(x))
+            z[~kept] = 0.0
             recon = to_host(sae.decode(z))
-            err2 += float((x - recon).double().pow(2).sum())
-            sum_x2 += float(x.double().pow(2).sum())
-            sum_vec = x.double().sum(0) if sum_vec is None else sum_vec + x.double().sum(0)
+            xk = x[kept].double()
+            err2 += float((xk - recon[kept].double()).pow(2).sum())
+            sum_x2 += float(xk.pow(2).sum())
+            sum_vec = xk.sum(0) if sum_vec is None else sum_vec + xk.sum(0)
             base = sum(len(t) for t in tokens)
             tokens.append(ids[row].to(torch.int32))
             starts.append(base + len(ids[row]))
@@ -348,7 +355,7 @@ def build_feature_index(lm, sae: SAE, corpus, n_tokens: int, context: int = 128,
             cand_t = torch.cat([top_t, (base + 1 + best_p)[:, None]], 1)
             order = cand_v.argsort(dim=1, descending=True)[:, :n_top]
             top_v, top_t = cand_v.gather(1, order), cand_t.gather(1, order)
-            counted += len(x)
+            counted += int(kept.sum())
             active += len(nz_pos)
         bar.update(act.shape[0] * (act.shape[1] - 1))
         if counted >= n_tokens:
@@ -362,6 +369,7 @@ def build_feature_index(lm, sae: SAE, corpus, n_tokens: int, context: int = 128,
     meta = {"sae": {**sae.describe(), "folder": None}, "model": lm.model_id, "corpus": corpus.name, "split": corpus.split,
             "context": context, "n_counted": counted, "n_tokens": int(sum(len(t) for t in tokens)),
             "fvu": err2 / var if var > 0 else float("nan"), "l0": active / counted, "d_sae": d_sae,
+            "outliers": outliers,
             "note": "top contexts keep at most one token per window and latent"}
     return FeatureIndex(torch.cat(tokens), torch.tensor(starts, dtype=torch.long, device=HOST), torch.tensor(offsets, device=HOST),
                         torch.cat(lat_ids), torch.cat(values), top_t, top_v.clamp_min(0), counts, hist, edges,
@@ -647,9 +655,10 @@ def steer(lm, sae: SAE, pair, latent: int, alpha: float, positions="all", run: s
 # ---------------- reconstruction health ----------------
 @dataclass(frozen=True)
 class HealthResult:
-    """per_position: run, pos, token, fvu (‖x − x̂‖² / ‖x − held-out mean‖²), relative_error (‖x − x̂‖² / ‖x‖²),
-    ld_spliced_here (LD with the reconstruction at this position only). ld / ld_reconstructed: LD of each run
-    plain and with the reconstruction at every position >= 1."""
+    """per_position (the spliced positions: not position 0, no outliers): run, pos, token, fvu (‖x − x̂‖² /
+    ‖x − held-out mean‖²), relative_error (‖x − x̂‖² / ‖x‖²), ld_spliced_here (LD with the reconstruction at this
+    position only). ld / ld_reconstructed: LD of each run plain and with the reconstruction at every spliced
+    position."""
 
     sae: dict
     per_position: pd.DataFrame
@@ -676,24 +685,24 @@ def reconstruction_health(lm, sae: SAE, pair, index: FeatureIndex | None = None)
         logits, act = _prompt_acts(lm, sae, ids)
         z = _latents(sae, act)
         recon = to_host(sae.decode(z))
-        mean = index.act_mean if index is not None else act[1:].mean(0)
+        mean = index.act_mean if index is not None else act[spliced_positions(act)].mean(0)
         err = (act - recon).pow(2).sum(-1)
         var = (act - mean).pow(2).sum(-1)
-        n = len(ids)
+        kept = spliced_positions(act).nonzero().flatten().tolist()
         values = []
-        for p in range(1, n):  # one row per position, plus one with every position
+        for p in kept:  # one row per spliced position, plus one with all of them
             v = act.clone()
             v[p] = recon[p]
             values.append(v)
         every = act.clone()
-        every[1:] = recon[1:]
+        every[kept] = recon[kept]
         values.append(every)
         out = _run_values(lm, sae, ids, torch.stack(values), answers)
         lds = (out[:, 0] - out[:, 1]).tolist()
         ld[run] = float(logit_diff(logits[None], *answers)[0])
         ld_rec[run] = lds[-1]
-        fvu[run] = float(err[1:].sum() / var[1:].sum()) if n > 1 else float("nan")
-        for p in range(1, n):
+        fvu[run] = float(err[kept].sum() / var[kept].sum()) if kept else float("nan")
+        for j, p in enumerate(kept):
             rows.append({"run": run, "pos": p, "token": tokens[p], "fvu": float(err[p] / var[p]),
-                         "relative_error": float(err[p] / act[p].pow(2).sum()), "ld_spliced_here": lds[p - 1]})
+                         "relative_error": float(err[p] / act[p].pow(2).sum()), "ld_spliced_here": lds[j]})
     return HealthResult(sae.describe(), pd.DataFrame(rows), ld, ld_rec, fvu, mean_from)

@@ -22,7 +22,8 @@ import torch
 from explorer.core import engine
 from explorer.core.errors import ExplorerInputError
 from explorer.core.runtime import HOST, cache_dir, to_host, to_model
-from explorer.sources.sae import SAE, Placement, SAEConfig, log10_frequency, save_sae, site_hook_name
+from explorer.sources.sae import (SAE, Placement, SAEConfig, log10_frequency, save_sae, site_hook_name,
+                                  spliced_positions)
 
 CHECKPOINT_WEIGHTS, CHECKPOINT_STATE = "checkpoint.safetensors", "checkpoint.json"
 
@@ -97,10 +98,11 @@ def site_activations(lm, ids: torch.Tensor, site: str, layer: int) -> torch.Tens
 
 
 def activation_stream(lm, corpus, spec: TrainSpec, start_batch: int = 0):
-    """Yield (activations [n, d] without position 0, index of the model batch) in the seed's fixed order."""
+    """Yield (activations [n, d] at the spliced positions: not position 0, no outliers; index of the model batch)
+    in the seed's fixed order."""
     for i, ids in enumerate(corpus.batches(spec.context, spec.model_batch, seed=spec.seed, start_batch=start_batch)):
         acts = site_activations(lm, ids, spec.site, spec.layer)
-        yield acts[:, 1:].reshape(-1, acts.shape[-1]), start_batch + i + 1
+        yield acts[spliced_positions(acts)], start_batch + i + 1
 
 
 class ShuffleBuffer:
@@ -474,8 +476,10 @@ def finish(spec: TrainSpec, sae: SAE, out: Path, state: dict, act_lm, corpus_nam
                     "dead_fraction": float((index.counts == 0).float().mean()), **ce},
         "goals": {"fvu": "<= 0.2", "ce_loss_recovered": ">= 0.9", "dead_fraction": "<= 0.05"},
         "spec": asdict(spec), "weights_dtype": "float16",
-        "notes": "Position 0 of every window (BOS or the attention sink) is left out of training and statistics, "
-                 "and kept as is when the reconstruction is spliced in.",
+        "notes": "Position 0 of every window (BOS or the attention sink) and the rare positions whose activation "
+                 "norm exceeds 10x the window's median (massive activations) are left out of training and "
+                 "statistics, and kept as they are when the reconstruction is spliced in "
+                 f"({index.meta.get('outliers', 0)} such positions among the held-out tokens).",
     }
     write_card(out, card)
     for name in (CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
@@ -500,10 +504,11 @@ def cross_entropy_recovered(lm, sae: SAE, corpus, n_tokens: int, context: int, b
     for ids in corpus.batches(context, batch, shuffle=False):
         clean = engine.run(lm, ids, reads=[(site, layer)], options=opts)
         act = to_host(clean.reads[(site, layer)])
+        keep = spliced_positions(act)
         recon = act.clone()
-        recon[:, 1:] = to_host(sae(act[:, 1:]))
+        recon[keep] = to_host(sae(act[keep]))
         zero = act.clone()
-        zero[:, 1:] = 0.0
+        zero[keep] = 0.0
         rows = torch.arange(len(ids), device=HOST)
         logits = {"clean": clean.logits}
         for name, value in (("sae", recon), ("zero", zero)):

@@ -74,6 +74,23 @@ def _usable(site: str, layer: int, name: str) -> tuple[str, int]:
     return site, layer
 
 
+OUTLIER_RATIO = 10.0  # a position whose activation norm is this many times the prompt's median is an outlier
+
+
+def spliced_positions(act: torch.Tensor) -> torch.Tensor:
+    """Which positions an SAE reads and writes: [..., pos] bool for act [..., pos, d]. Not position 0 (BOS, or the
+    attention sink of a model without one) and not the rare later positions where a model parks another massive
+    activation (norm > OUTLIER_RATIO x the median of positions >= 1; SmolLM2 does this after a window that starts
+    on a weak token, at ~150x the usual norm). Left in, a handful of them dominate any squared error."""
+    norm = act.norm(dim=-1)
+    keep = torch.ones_like(norm, dtype=torch.bool)
+    keep[..., 0] = False
+    if norm.shape[-1] > 1:
+        median = norm[..., 1:].median(dim=-1, keepdim=True).values
+        keep &= norm <= OUTLIER_RATIO * median
+    return keep
+
+
 def site_hook_name(site: str, layer: int) -> str:
     """The TransformerLens spelling we write into cfg.json (SAELens tools read it)."""
     return f"blocks.{layer}.hook_{site}"
