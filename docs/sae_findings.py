@@ -57,7 +57,8 @@ def main() -> None:
                      .sort_values(key=abs, ascending=False).head(2).index.tolist())
         tops = card.contexts[card.contexts["is_top"]]["token"].tolist()
         s = knock.summary
-        rows.append({"latent": latent, "attribution (mean recovery est.)": round(float(summary.loc[latent, "mean_estimate"]), 3),
+        rows.append({"latent": latent,
+                     "attribution (mean recovery est.)": round(float(summary.loc[latent, "mean_estimate"]), 3),
                      "pairs active": int(summary.loc[latent, "pairs_active"]),
                      "exact patch recovery (mean)": round(float(exact["recovery"].mean()), 3),
                      "at tokens": " ".join(strongest),

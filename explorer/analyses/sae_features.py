@@ -28,7 +28,8 @@ from explorer.core.results import jsonable
 from explorer.core.runtime import HOST, to_host
 from explorer.sources.sae import SAE, check_fits, spliced_positions
 
-SPLICE_FORMULA = "site value = decode(latents_new) + (activation − decode(latents)) at positions ≥ 1 (error term kept)"
+SPLICE_FORMULA = ("site value = decode(latents_new) + (activation − decode(latents)) at the spliced positions "
+                  "(error term kept; not position 0, no massive activations)")
 ATTRIBUTION_FORMULA = ("estimate(pos, latent) = (z_clean − z_corr) · dLD/dz at the corrupted run, "
                        "dLD/dz = W_dec[latent] · dLD/d(site); normalised like recovery")
 INDEX_TENSORS, INDEX_META = "feature_index.safetensors", "feature_index.json"
@@ -155,10 +156,12 @@ class LatentAttribution:
     exact: pd.DataFrame
     formula: str = ATTRIBUTION_FORMULA
     recovery_formula: str = RECOVERY_FORMULA
+    splice_formula: str = SPLICE_FORMULA
 
     def to_json(self) -> dict:
         return jsonable({"sae": self.sae, "ld_clean": self.ld_clean, "ld_corrupted": self.ld_corrupted,
                 "formula": self.formula, "recovery_formula": self.recovery_formula,
+                "splice_formula": self.splice_formula,
                 "cells": _frame_json(self.cells), "per_latent": _frame_json(self.per_latent),
                 "exact": _frame_json(self.exact)})
 
@@ -366,12 +369,14 @@ def build_feature_index(lm, sae: SAE, corpus, n_tokens: int, context: int = 128,
     mean = (sum_vec / counted)
     var = sum_x2 - counted * float(mean.pow(2).sum())
     top_t[top_v <= 0] = -1
-    meta = {"sae": {**sae.describe(), "folder": None}, "model": lm.model_id, "corpus": corpus.name, "split": corpus.split,
+    meta = {"sae": {**sae.describe(), "folder": None}, "model": lm.model_id, "corpus": corpus.name,
+            "split": corpus.split,
             "context": context, "n_counted": counted, "n_tokens": int(sum(len(t) for t in tokens)),
             "fvu": err2 / var if var > 0 else float("nan"), "l0": active / counted, "d_sae": d_sae,
             "outliers": outliers,
             "note": "top contexts keep at most one token per window and latent"}
-    return FeatureIndex(torch.cat(tokens), torch.tensor(starts, dtype=torch.long, device=HOST), torch.tensor(offsets, device=HOST),
+    return FeatureIndex(torch.cat(tokens), torch.tensor(starts, dtype=torch.long, device=HOST),
+                        torch.tensor(offsets, device=HOST),
                         torch.cat(lat_ids), torch.cat(values), top_t, top_v.clamp_min(0), counts, hist, edges,
                         mean.float(), meta)
 
@@ -498,9 +503,11 @@ class KnockdownResult:
     random: pd.DataFrame
     summary: dict
     formula: str = "drop = LD_clean − LD_clean with the latents ablated (error term kept)"
+    splice_formula: str = SPLICE_FORMULA
 
     def to_json(self) -> dict:
-        return jsonable({"sae": self.sae, "latents": list(self.latents), "method": self.method, "formula": self.formula,
+        return jsonable({"sae": self.sae, "latents": list(self.latents), "method": self.method,
+                "formula": self.formula, "splice_formula": self.splice_formula,
                 "summary": self.summary, "per_pair": _frame_json(self.per_pair), "random": _frame_json(self.random)})
 
 

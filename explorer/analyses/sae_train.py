@@ -241,7 +241,8 @@ def _load_checkpoint(folder: Path, trainer: TopKTrainer, opt: torch.optim.Adam, 
             p.copy_(tensors[f"param.{n}"])
         trainer.since_fired.copy_(tensors["since_fired"])
     for n, p in trainer.named_parameters():
-        opt.state[p] = {"step": torch.tensor(state["adam_step"][n], device=HOST), "exp_avg": tensors[f"adam.{n}.exp_avg"],
+        opt.state[p] = {"step": torch.tensor(state["adam_step"][n], device=HOST),
+                        "exp_avg": tensors[f"adam.{n}.exp_avg"],
                         "exp_avg_sq": tensors[f"adam.{n}.exp_avg_sq"]}
     return state
 

@@ -29,7 +29,8 @@ KNOWN_UNSUPPORTED = {
     "gated": "gated SAEs (a separate gate encoder)", "matryoshka_batchtopk": "Matryoshka BatchTopK (training-only)",
     "batchtopk": "BatchTopK during training (SAELens saves the inference form as jumprelu)",
     "transcoder": "transcoders (input and output sites differ)", "skip_transcoder": "skip transcoders",
-    "jumprelu_transcoder": "JumpReLU transcoders", "temporal": "temporal SAEs", "matching_pursuit": "matching pursuit SAEs",
+    "jumprelu_transcoder": "JumpReLU transcoders", "temporal": "temporal SAEs",
+    "matching_pursuit": "matching pursuit SAEs",
     "abstopk": "AbsTopK SAEs (negative activations)",
 }
 SPLICEABLE_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
