@@ -74,6 +74,11 @@ def submit_button(label: str) -> bool:
     return st.form_submit_button(label, on_click=commit)
 
 
+# Measured by benchmarks/smollm2_precision.py (README, "Share it on Streamlit Community Cloud").
+DTYPE_HELP = ("float32 is the default on the CPU: there SmolLM2 in bfloat16 ran 2.5-5x slower and held more "
+              "private memory (its weights are converted on load; float32 weights stay mapped from the file).")
+
+
 def model_sidebar() -> None:
     """Model, device and dtype pickers; SmolLM2 can be prepared from here with progress."""
     from explorer.sources import smollm2
@@ -103,7 +108,7 @@ def model_sidebar() -> None:
             for key, label, options in (("device", "Device", state.DEVICES), ("dtype", "dtype", state.DTYPES)):
                 if s.values[key] not in options:
                     s.values[key] = state.DEFAULTS[key]
-                bind(st.selectbox, label, key, options=list(options))
+                bind(st.selectbox, label, key, options=list(options), help=DTYPE_HELP if key == "dtype" else None)
             bind(st.checkbox, "Trust remote code", "trust_remote_code",
                  help="Runs Python shipped with the model. Only for models you trust. Never set from a URL.")
 
