@@ -338,6 +338,34 @@ def test_attribution_sends_its_top_heads_to_ablation(page):
     assert_page(page, "Attribution")
 
 
+def test_sae_page_views_a_feature_card_and_keeps_the_view_across_pages(page):
+    """SAE features on the shipped demo SAE: the latents heatmap, a click into the Feature card view, a latent
+    typed in, another page and back by the browser: the same view, no errors."""
+    from explorer.analyses import sae_features as sf
+    from explorer.sources.sae import resolve_sae
+    from explorer.sources.models import load_model
+
+    open_page(page, "SAE features")
+    assert problems(page) == [] and errors(page) == []
+    assert page.locator(".vega-embed").filter(has_text="SAE latents at blocks.1.hook_resid_post").count() == 1
+    page.get_by_test_id("stRadio").first.get_by_text("Feature card", exact=True).click()
+    settle(page)
+    ref = sf.pair_latents(load_model("demo"), resolve_sae("demo-resid_post-1"), DEMO_PAIR)
+    latent = int(ref.top.sort_values("activation", ascending=False)["latent"].iloc[0])
+    field = page.get_by_label("Latent", exact=True)
+    field.fill(str(latent))
+    field.press("Enter")
+    settle(page)
+    assert problems(page) == [] and errors(page) == []
+    assert query(page)["sae.view"] == "Feature card" and query(page)["sae.latent"] == str(latent)
+    assert page.get_by_text(f"Latent {latent} · firing frequency").count() == 1
+    open_page(page, "DLA")
+    page.go_back()
+    settle(page)
+    assert current_link(page) == "SAE" and page.get_by_label("Latent", exact=True).input_value() == str(latent)
+    assert problems(page) == [] and errors(page) == []
+
+
 def rendered(page) -> dict:
     """What a view shows, as text: metrics, every chart mark's values, the sidebar's LDs. Charts draw
     after the run ends, so the marks are read once their number has stopped changing."""
