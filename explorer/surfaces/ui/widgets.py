@@ -322,7 +322,7 @@ def pair_from_set(lm, container=st, name: str = "set_name") -> None:
         state.show_error(exc)
         return
     if not prompt_set.pairs:
-        container.error("No pair of this set fits this model's tokenizer.")
+        container.caption("No pair of this set fits this model's tokenizer: pick another set.")
         return
     labels = [f"{p.id} [{p.category}] {p.clean[:60]}" for p in prompt_set.pairs]
     pick = container.selectbox(f"Pair ({len(prompt_set.pairs)} valid)", range(len(labels)),
