@@ -75,10 +75,11 @@ def main() -> None:
     print()
     print(tracking(lm, sae, ps.by_category("headline")))
     print(f"\n({time.time() - started:.0f} s on one CPU thread; knockdown = zero ablation on the clean run at every "
-          f"position >= 1 with the error term kept, beside {args.n_random} random latents of similar frequency.)")
+          "spliced position (>= 1, no massive activations) with the error term kept, beside "
+          f"{args.n_random} random latents of similar frequency.)")
 
 
-def tracking(lm, sae, all_pairs, top: int = 8) -> str:
+def tracking(lm, sae, all_pairs, top: int = 8, min_support: int = 3) -> str:
     """Latents at the last position of the clean prompt that track the answer (IOI: the indirect object; set
     completion: the missing item) and the other name (IOI: the subject): precision and recall of 'fires' for
     the value it fires for most."""
@@ -97,13 +98,18 @@ def tracking(lm, sae, all_pairs, top: int = 8) -> str:
         for var, counts, totals in (("answer", g["answer"].value_counts(), n_by),
                                     ("other", g["other"].value_counts(), n_other)):
             value, hits = counts.index[0], int(counts.iloc[0])
+            if hits < min_support or totals[value] < min_support:
+                continue  # one or two prompts prove nothing
             precision, recall = hits / len(g), hits / totals[value]
             out.append({"latent": latent, "tracks": var, "value": value, "fires on": len(g),
                         "precision": round(precision, 2), "recall": round(recall, 2),
                         "f1": round(2 * precision * recall / (precision + recall), 2)})
+    if not out:
+        return f"No latent at the last position fires for one value of a task variable on >= {min_support} prompts."
     table = pd.DataFrame(out).sort_values("f1", ascending=False).drop_duplicates("latent").head(top)
     lines = [f"Latents at the last position that track a task variable ({len(all_pairs)} clean prompts; "
-             "'answer' = the clean answer, 'other' = the corrupted answer, e.g. the IOI subject):", "",
+             "'answer' = the clean answer, 'other' = the corrupted answer, e.g. the IOI subject; only values seen "
+             f"on >= {min_support} prompts):", "",
              "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in table.itertuples(index=False)]
     return "\n".join(lines)
