@@ -15,8 +15,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# A cache of its own, emptied before each repeat, so "uncached" means a forward pass.
-os.environ.setdefault("CIRCUIT_EXPLORER_CACHE", str(Path(__import__("tempfile").mkdtemp(prefix="sae_speed_"))))
+# A cache of its own, emptied before each repeat, so "uncached" means a forward pass; prepared models stay reachable.
+_REAL_CACHE = Path(os.environ.get("CIRCUIT_EXPLORER_CACHE", Path(__file__).resolve().parent.parent / "cache"))
+_OWN = Path(__import__("tempfile").mkdtemp(prefix="sae_speed_"))
+if (_REAL_CACHE / "models").is_dir():
+    (_OWN / "models").symlink_to((_REAL_CACHE / "models").resolve())
+os.environ["CIRCUIT_EXPLORER_CACHE"] = str(_OWN)
 
 from explorer.analyses import sae_features as sf  # noqa: E402
 from explorer.core import cache  # noqa: E402
