@@ -262,17 +262,21 @@ def test_click_a_heatmap_cell_drills_down_and_its_links_open_the_head(page, tmp_
     best = heads.loc[heads["recovery"].abs().idxmax()]
     label, pos = best["head_label"], int(best["pos"])
     assert f"Strongest head cell: {label} at position {pos}" in body
-    # The drill-down links open the head's attention and DLA with the current pair.
-    page.get_by_role("link", name=f"Attention pattern of {label} from position {pos}").click()
+    # The drill-down links open the layer's strongest heads at that position (strongest first) on the
+    # Attention page, and the strongest head's DLA, with the current pair.
+    at_pos = heads[heads["pos"] == pos]
+    top = ",".join(f"2.{int(h)}" for h in at_pos.reindex(at_pos["recovery"].abs().sort_values(ascending=False)
+                                                              .index)["head"][:3])
+    page.get_by_role("link", name=f"Attention of {label}").click()
     settle(page)
     assert_page(page, "Attention", cli_lds("demo", DEMO_PAIR.to_dict()))
-    assert query(page)["attention.heads"] == f"2.{int(best['head'])}"
-    assert page.get_by_label("Heads (LAYER.HEAD, comma-separated)").input_value() == f"2.{int(best['head'])}"
+    assert query(page)["attention.heads"] == top and query(page)["attention.pos"] == str(pos)
+    assert page.get_by_label("Heads (LAYER.HEAD, comma-separated)").input_value() == top
     assert f"Query token: {pos}:" in page.inner_text("body")
     page.go_back()
     settle(page)
     assert_page(page, "Patching")
-    page.get_by_role("link", name=f"Direct logit attribution of {label} from position {pos}").click()
+    page.get_by_role("link", name=f"Direct logit attribution of {label}").click()
     settle(page)
     assert_page(page, "DLA")
     assert page.get_by_label("Layer", exact=True).input_value() == "2"
