@@ -36,3 +36,16 @@ def test_prefix_cache_and_packed_rows_equal_full_runs(tiny_model, family):
                                  position_ids=positions[None])
     logits = engine.run(lm, ids, options=options).logits
     torch.testing.assert_close(logits[0], torch.cat([full_b, full_a]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_head_out_write_without_heads_writes_every_head(tiny_model):
+    """Cell("head_out", layer, pos) with no head patches the whole attention output: the same as all heads in one patch."""
+    from explorer.analyses.patching import Cell, patched_logit_diffs
+    from explorer.core.prompts import PromptPair, tokenize_pair
+    lm = tiny_model("llama")
+    tp = tokenize_pair(lm.tokenizer, PromptPair("w3 w7 w11 w5 w9 w2", "w3 w8 w11 w5 w9 w2", "w4", "w6"))
+    heads = range(lm.arch.heads_in(1))
+    for pos in (2, None):
+        whole = patched_logit_diffs(lm, tp, [(Cell("head_out", 1, pos),)], fast=False)
+        each = patched_logit_diffs(lm, tp, [tuple(Cell("head_out", 1, pos, h) for h in heads)], fast=False)
+        assert whole == pytest.approx(each, abs=1e-5)

@@ -104,7 +104,17 @@ def _on_model(lm, iv: Intervention) -> Intervention:
 def _write(x: torch.Tensor, iv: Intervention, n_heads: int) -> None:
     """In-place write; x is [batch, pos, d] (head_out: [batch, pos, heads*d_head])."""
     value = iv.value.to(x.dtype) if torch.is_tensor(iv.value) else iv.value  # a site may compute in float32
-    if iv.site in ("head_out", "qkv"):
+    if iv.site in ("head_out", "qkv") and iv.heads is None:  # every head at once: the site's whole width
+        view = x.view(x.shape[0], x.shape[1], -1)
+        if torch.is_tensor(value):
+            value = value.reshape(len(iv.rows), -1) if iv.pos is not None else value.reshape(len(iv.rows), x.shape[1], -1)
+        if iv.copy_from is not None:
+            value = view[iv.copy_from[0], iv.copy_from[1]].clone()
+        if iv.pos is None:
+            view[iv.rows] = value
+        else:
+            view[iv.rows, iv.pos] = value
+    elif iv.site in ("head_out", "qkv"):
         chunks = n_heads if iv.site == "head_out" else iv.module[1]
         view = x.view(x.shape[0], x.shape[1], chunks, -1)  # [batch, pos, head, d_head]
         if iv.copy_from is not None:
