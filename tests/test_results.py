@@ -112,3 +112,16 @@ def test_patch_result_methods_the_pages_use(demo_model):
     for r in reduced.itertuples():
         cell = f[(f["layer"] == r.layer) & (f["head"] == r.head)]["recovery"]
         assert abs(r.recovery) == pytest.approx(cell.abs().max())
+
+
+def test_sae_results_carry_the_spec_too(demo_model):
+    from explorer.analyses import sae_features as sf
+    from explorer.sources.sae import resolve_sae
+    sae = resolve_sae("demo-resid_post-1")
+    tp = tokenize_pair(demo_model.tokenizer, PAIR)
+    for res, analysis in [(sf.pair_latents(demo_model, sae, tp), "SAE latents"),
+                          (sf.reconstruction_health(demo_model, sae, tp), "SAE reconstruction health"),
+                          (sf.feature_card(demo_model, sae, 3), "SAE feature card")]:
+        body = json.loads(json.dumps(res.to_json(), allow_nan=False))
+        assert body["spec"]["analysis"] == analysis and body["spec"]["params"]["sae"]["hook_name"] == sae.cfg.hook_name
+        assert body["spec"]["model"]["weight_hash"] == demo_model.weight_hash and res.meta()["spec"] == res.spec

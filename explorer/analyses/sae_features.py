@@ -24,7 +24,7 @@ from explorer.core.cache import get_activations
 from explorer.core.errors import ExplorerInputError
 from explorer.core.metrics import LD_FORMULA, RECOVERY_FORMULA, logit_diff
 from explorer.core.prompts import TokenizedPair, show_token, tokenize_pair
-from explorer.core.results import jsonable
+from explorer.core.results import jsonable, make_spec
 from explorer.core.runtime import HOST, to_host
 from explorer.sources.sae import SAE, check_fits, spliced_positions
 
@@ -86,9 +86,27 @@ def _as_tokenized(lm, pair) -> TokenizedPair:
     return pair if isinstance(pair, TokenizedPair) else tokenize_pair(lm.tokenizer, pair, lm.arch)
 
 
+class _SAEResult:
+    """What every SAE result shares with the other analyses' results: the spec that produced it (analysis, model,
+    pair, the SAE and the parameters) first in its JSON, and meta() for exports."""
+
+    def to_json(self) -> dict:
+        return {"spec": jsonable(self.spec), **self._json()}
+
+    def meta(self) -> dict:
+        out = {"spec": self.spec}
+        if isinstance(getattr(self, "formula", None), str):
+            out["formula"] = self.formula
+        return out
+
+
+def _spec(analysis: str, lm, sae: SAE, tp=None, **params) -> dict:
+    return make_spec(analysis, lm, tp, sae=sae.describe(), **params)
+
+
 # ---------------- per-token latents on a pair ----------------
 @dataclass(frozen=True)
-class PairLatents:
+class PairLatents(_SAEResult):
     """Latent activations of both runs. clean/corrupted: [pos, d_sae] tensors; top: the strongest latents per
     position and run (run, pos, token, rank, latent, activation)."""
 
@@ -99,6 +117,7 @@ class PairLatents:
     corrupted_tokens: tuple[str, ...]
     top: pd.DataFrame
     warnings: tuple[str, ...] = ()
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
     def heatmap(self, latents: list[int], run: str = "clean") -> pd.DataFrame:
         """Token x latent cells (pos, token, latent, activation) for chosen latents of one run."""
@@ -118,7 +137,7 @@ class PairLatents:
                               "corrupted": float(self.corrupted[pos, i]), "difference": float(diff[i])}
                              for i in order if diff[i] != 0])
 
-    def to_json(self) -> dict:
+    def _json(self) -> dict:
         return jsonable({"sae": self.sae, "top": _frame_json(self.top), "warnings": list(self.warnings)})
 
 
@@ -138,12 +157,12 @@ def pair_latents(lm, sae: SAE, pair, top_n: int = 5) -> PairLatents:
                                  "activation": float(values[p, r])})
     top = pd.DataFrame(rows, columns=["run", "pos", "token", "rank", "latent", "activation"])
     return PairLatents(sae.describe(), zs["clean"], zs["corrupted"], tp.clean_tokens, tp.corrupted_tokens, top,
-                       warnings)
+                       warnings, spec=_spec("SAE latents", lm, sae, tp, top_n=top_n))
 
 
 # ---------------- latent attribution ----------------
 @dataclass(frozen=True)
-class LatentAttribution:
+class LatentAttribution(_SAEResult):
     """cells: one row per (pos, latent) active in either run: z_clean, z_corr, grad (dLD/dz), estimate (normalised
     like recovery). exact: the top cells patched for real (clean latent value into the corrupted run).
     per_latent: estimates summed over positions."""
@@ -157,8 +176,9 @@ class LatentAttribution:
     formula: str = ATTRIBUTION_FORMULA
     recovery_formula: str = RECOVERY_FORMULA
     splice_formula: str = SPLICE_FORMULA
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
-    def to_json(self) -> dict:
+    def _json(self) -> dict:
         return jsonable({"sae": self.sae, "ld_clean": self.ld_clean, "ld_corrupted": self.ld_corrupted,
                 "formula": self.formula, "recovery_formula": self.recovery_formula,
                 "splice_formula": self.splice_formula,
@@ -208,7 +228,8 @@ def latent_attribution(lm, sae: SAE, pair, exact_top: int = 10) -> LatentAttribu
         lds = logit_diff(logits, 0, 1).numpy()  # the two answers' logits only
         exact["ld_patched"] = lds
         exact["exact"] = (lds - ld_corr) / span
-    return LatentAttribution(sae.describe(), ld_clean, ld_corr, cells, per_latent, exact)
+    return LatentAttribution(sae.describe(), ld_clean, ld_corr, cells, per_latent, exact,
+                             spec=_spec("SAE latent attribution", lm, sae, tp, exact_top=exact_top, direction="denoise"))
 
 
 def patch_latents(lm, sae: SAE, pair, latent_sets: list[list[int]], positions="all") -> pd.DataFrame:
@@ -417,7 +438,7 @@ def logit_effects(lm, sae: SAE, latent: int, top: int = 10) -> pd.DataFrame:
 
 # ---------------- feature card ----------------
 @dataclass(frozen=True)
-class FeatureCard:
+class FeatureCard(_SAEResult):
     """One latent: top held-out contexts (context, offset, token, activation, is_top), frequency, histogram
     (bin_lo, bin_hi, count on log10 activation), logit effects, and where it fires on a prompt set."""
 
@@ -428,8 +449,9 @@ class FeatureCard:
     histogram: pd.DataFrame
     logit_effects: pd.DataFrame
     pairs: pd.DataFrame
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
-    def to_json(self) -> dict:
+    def _json(self) -> dict:
         return jsonable({"sae": self.sae, "latent": self.latent, "frequency": self.frequency,
                 "contexts": _frame_json(self.contexts), "histogram": _frame_json(self.histogram),
                 "logit_effects": _frame_json(self.logit_effects), "pairs": _frame_json(self.pairs)})
@@ -463,7 +485,9 @@ def feature_card(lm, sae: SAE, latent: int, index: FeatureIndex | None = None, n
     return FeatureCard(sae.describe(), latent, freq,
                        pd.DataFrame(ctx_rows, columns=["context", "offset", "token", "activation", "is_top"]),
                        pd.DataFrame(hist_rows, columns=["bin_lo", "bin_hi", "count"]),
-                       logit_effects(lm, sae, latent), pair_frame)
+                       logit_effects(lm, sae, latent), pair_frame,
+                       spec=_spec("SAE feature card", lm, sae, latent=latent, n_contexts=n_contexts,
+                                  prompt_set=[getattr(getattr(p, 'pair', p), 'id', str(i)) for i, p in enumerate(pairs or [])]))
 
 
 def pairs_where_fires(lm, sae: SAE, pairs: list, latents: list[int]) -> pd.DataFrame:
@@ -492,7 +516,7 @@ def _bootstrap(values: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float,
 
 
 @dataclass(frozen=True)
-class KnockdownResult:
+class KnockdownResult(_SAEResult):
     """per_pair: pair_id, active (a target latent fires on the clean prompt), ld_clean, ld_ablated, drop.
     random: one row per random latent set (set, latents, mean_drop). summary: the headline numbers."""
 
@@ -504,8 +528,9 @@ class KnockdownResult:
     summary: dict
     formula: str = "drop = LD_clean − LD_clean with the latents ablated (error term kept)"
     splice_formula: str = SPLICE_FORMULA
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
-    def to_json(self) -> dict:
+    def _json(self) -> dict:
         return jsonable({"sae": self.sae, "latents": list(self.latents), "method": self.method,
                 "formula": self.formula, "splice_formula": self.splice_formula,
                 "summary": self.summary, "per_pair": _frame_json(self.per_pair), "random": _frame_json(self.random)})
@@ -582,12 +607,14 @@ def knockdown(lm, sae: SAE, pairs: list, latents: list[int], method: str = "zero
         "random_chosen_by": "latents of similar firing frequency (" +
                             ("held-out sparsity" if sae.sparsity is not None else "this prompt set") + ")",
     }
-    return KnockdownResult(sae.describe(), tuple(latents), method, per_pair, random, summary)
+    return KnockdownResult(sae.describe(), tuple(latents), method, per_pair, random, summary,
+                           spec=_spec("SAE knockdown", lm, sae, prompt_set=[tp.pair.id for tp in tps], latents=latents,
+                                      method=method, n_random=n_random, seed=seed))
 
 
 # ---------------- steering ----------------
 @dataclass(frozen=True)
-class SteeringResult:
+class SteeringResult(_SAEResult):
     """LD and top next tokens with and without alpha · decoder direction added at the site, and greedy
     continuations of both. top: (steered, rank, token, prob)."""
 
@@ -600,12 +627,13 @@ class SteeringResult:
     top: pd.DataFrame
     continuation: str
     continuation_steered: str
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
     @property
     def ld_change(self) -> float:
         return self.ld_steered - self.ld
 
-    def to_json(self) -> dict:
+    def _json(self) -> dict:
         return jsonable({"sae": self.sae, "latent": self.latent, "alpha": self.alpha, "positions": self.positions,
                 "ld": self.ld, "ld_steered": self.ld_steered, "ld_change": self.ld_change, "top": _frame_json(self.top),
                 "continuation": self.continuation, "continuation_steered": self.continuation_steered})
@@ -656,12 +684,14 @@ def steer(lm, sae: SAE, pair, latent: int, alpha: float, positions="all", run: s
         texts.append(lm.tokenizer.decode(seq[len(ids):]))
     return SteeringResult(sae.describe(), latent, float(alpha), "all" if positions == "all" else
                           ",".join(map(str, positions)), float(logit_diff(base[None], *answers)[0]),
-                          float(logit_diff(steered[None], *answers)[0]), pd.DataFrame(rows), texts[0], texts[1])
+                          float(logit_diff(steered[None], *answers)[0]), pd.DataFrame(rows), texts[0], texts[1],
+                          spec=_spec("SAE steering", lm, sae, tp, latent=latent, alpha=float(alpha), positions=positions,
+                                     run=run, n_new=n_new))
 
 
 # ---------------- reconstruction health ----------------
 @dataclass(frozen=True)
-class HealthResult:
+class HealthResult(_SAEResult):
     """per_position (the spliced positions: not position 0, no outliers): run, pos, token, fvu (‖x − x̂‖² /
     ‖x − held-out mean‖²), relative_error (‖x − x̂‖² / ‖x‖²), ld_spliced_here (LD with the reconstruction at this
     position only). ld / ld_reconstructed: LD of each run plain and with the reconstruction at every spliced
@@ -673,8 +703,9 @@ class HealthResult:
     ld_reconstructed: dict
     fvu: dict
     mean_from: str
+    spec: dict = field(default_factory=dict, compare=False, repr=False)  # what produced it (results.make_spec)
 
-    def to_json(self) -> dict:
+    def _json(self) -> dict:
         return jsonable({"sae": self.sae, "per_position": _frame_json(self.per_position), "ld": self.ld,
                 "ld_reconstructed": self.ld_reconstructed, "fvu": self.fvu, "mean_from": self.mean_from,
                 "formula": LD_FORMULA})
@@ -712,4 +743,5 @@ def reconstruction_health(lm, sae: SAE, pair, index: FeatureIndex | None = None)
         for j, p in enumerate(kept):
             rows.append({"run": run, "pos": p, "token": tokens[p], "fvu": float(err[p] / var[p]),
                          "relative_error": float(err[p] / act[p].pow(2).sum()), "ld_spliced_here": lds[j]})
-    return HealthResult(sae.describe(), pd.DataFrame(rows), ld, ld_rec, fvu, mean_from)
+    return HealthResult(sae.describe(), pd.DataFrame(rows), ld, ld_rec, fvu, mean_from,
+                        spec=_spec("SAE reconstruction health", lm, sae, tp))
