@@ -85,7 +85,7 @@ def latents_view(lm, tp, sae, index) -> None:
                            f"SAE latents at {sae.cfg.hook_name}, {run} run: the 16 strongest latents of the pair",
                            x_labels=labels, select=False)
     st.altair_chart(chart)
-    widgets.export_buttons(cells, f"sae_latents_{run}", {"title": "SAE latents per token", "sae": res.sae,
+    widgets.export_buttons(cells, f"sae_latents_{run}", {**res.meta(), "title": "SAE latents per token",
                                                          "metric": "activation"}, chart=chart)
     c1, c2 = st.columns(2)
     with c1:
@@ -113,8 +113,7 @@ def attribution_view(lm, tp, sae, index) -> None:
                                          "Latent attribution: first-order estimate vs exact latent patching")
         st.altair_chart(chart)
         st.dataframe(exact, hide_index=True)
-        widgets.export_buttons(exact, "sae_attribution_exact", {"title": "Latent attribution vs exact",
-                                                                "formula": res.formula, "sae": res.sae},
+        widgets.export_buttons(exact, "sae_attribution_exact", {**res.meta(), "title": "Latent attribution vs exact"},
                                chart=chart)
     st.markdown("**Per latent, summed over positions** (click a latent number into the feature card view)")
     st.dataframe(res.per_latent.head(30), hide_index=True)
@@ -162,8 +161,7 @@ def card_view(lm, tp, sae, index) -> None:
     if pairs is not None:
         st.markdown(f"**Pairs of {set_name} where latent {latent} fires** ({len(card.pairs)} run(s))")
         st.dataframe(card.pairs, hide_index=True)
-    widgets.export_buttons(card.contexts, f"sae_card_{latent}", {"title": f"Feature card, latent {latent}",
-                                                                 "sae": card.sae})
+    widgets.export_buttons(card.contexts, f"sae_card_{latent}", {**card.meta(), "title": f"Feature card, latent {latent}"})
 
 
 def _latent_list(text: str, sae) -> list[int]:
@@ -203,9 +201,7 @@ def knockdown_view(lm, tp, sae, index) -> None:
     chart = charts.knockdown_strip(res.per_pair, res.random, f"Knockdown of latents {text} ({method}) over {set_name}")
     st.altair_chart(chart)
     st.dataframe(res.per_pair, hide_index=True)
-    widgets.export_buttons(res.per_pair, f"sae_knockdown_{method}", {"title": "SAE knockdown", "sae": res.sae,
-                                                                      "latents": list(res.latents),
-                                                                      "summary": s}, chart=chart)
+    widgets.export_buttons(res.per_pair, f"sae_knockdown_{method}", {**res.meta(), "title": "SAE knockdown", "summary": s}, chart=chart)
 
 
 def steering_view(lm, tp, sae, index) -> None:
@@ -245,7 +241,7 @@ def health_view(lm, tp, sae, index) -> None:
     chart = charts.line(res.per_position, "pos", "fvu", "run", "Fraction of variance unexplained per position")
     st.altair_chart(chart, width="stretch")
     st.dataframe(res.per_position, hide_index=True)
-    widgets.export_buttons(res.per_position, "sae_health", {"title": "SAE reconstruction health", "sae": res.sae},
+    widgets.export_buttons(res.per_position, "sae_health", {**res.meta(), "title": "SAE reconstruction health"},
                            chart=chart)
 
 
