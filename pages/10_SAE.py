@@ -8,6 +8,7 @@ import streamlit as st
 
 from explorer.analyses import sae_features as sf
 from explorer.core.errors import ExplorerInputError
+from explorer.core.positions import parse as parse_positions
 from explorer.sources import sae as saes
 from explorer.surfaces.ui import charts, state, widgets
 
@@ -216,7 +217,7 @@ def steering_view(lm, tp, sae, index) -> None:
         go = widgets.submit_button("Steer")
     if not go:
         return
-    positions = "all" if where.strip() == "all" else [int(p) for p in where.split(",") if p.strip().isdigit()]
+    positions = parse_positions(where, allowed=("all",), name="Steering positions")
     with st.spinner("Steering …"):
         res = sf.steer(lm, sae, tp, latent, float(alpha), positions, run)
     c = st.columns(3)

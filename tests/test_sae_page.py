@@ -66,6 +66,9 @@ def test_knockdown_and_steering_forms(demo_model, sae_folder):
     ref = sf.steer(demo_model, load_sae(sae_folder), DEMO_PAIR, 0, 8.0)
     metrics = {m.label: m.value for m in at.metric}
     assert float(metrics["LD steered"]) == pytest.approx(ref.ld_steered, abs=1e-3)
+    at.text_input(key="w.sae.steer_positions").set_value("2, x")
+    at.button[0].click().run()
+    assert not at.exception and len(at.error) == 1 and "Steering positions must be all" in at.error[0].value
 
 
 def test_bad_sae_folders_are_one_message_each(tmp_path, sae_folder):

@@ -24,7 +24,7 @@ from explorer.core.cache import get_activations
 from explorer.core.errors import ExplorerInputError
 from explorer.core.metrics import LD_FORMULA, RECOVERY_FORMULA, logit_diff
 from explorer.core.prompts import TokenizedPair, show_token, tokenize_pair
-from explorer.core.results import jsonable, make_spec
+from explorer.core.results import Result, jsonable, make_spec
 from explorer.core.runtime import HOST, to_host
 from explorer.sources.sae import SAE, check_fits, spliced_positions
 
@@ -86,18 +86,12 @@ def _as_tokenized(lm, pair) -> TokenizedPair:
     return pair if isinstance(pair, TokenizedPair) else tokenize_pair(lm.tokenizer, pair, lm.arch)
 
 
-class _SAEResult:
-    """What every SAE result shares with the other analyses' results: the spec that produced it (analysis, model,
-    pair, the SAE and the parameters) first in its JSON, and meta() for exports."""
+class _SAEResult(Result):
+    """A result with the spec that produced it (analysis, model, pair, the SAE and the parameters) first in its
+    JSON and Result.meta() for exports; the body is each class's own _json()."""
 
     def to_json(self) -> dict:
         return {"spec": jsonable(self.spec), **self._json()}
-
-    def meta(self) -> dict:
-        out = {"spec": self.spec}
-        if isinstance(getattr(self, "formula", None), str):
-            out["formula"] = self.formula
-        return out
 
 
 def _spec(analysis: str, lm, sae: SAE, tp=None, **params) -> dict:
@@ -340,7 +334,7 @@ def build_feature_index(lm, sae: SAE, corpus, n_tokens: int, context: int = 128,
     counts = torch.zeros(d_sae, dtype=torch.long, device=HOST)
     hist = torch.zeros(d_sae, bins, dtype=torch.long, device=HOST)
     tokens, starts, offsets, lat_ids, values = [], [0], [0], [], []
-    err2 = sum_x = sum_x2 = 0.0
+    err2 = sum_x2 = 0.0
     sum_vec = None
     counted = active = outliers = 0
     bar = tqdm(total=n_tokens, unit="tok", desc="feature index", file=sys.stderr, disable=not progress)

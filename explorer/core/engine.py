@@ -79,9 +79,9 @@ def interventions(writes) -> list[Intervention]:
             kind = ("scalar", float(w.value))
         key = (w.site, w.layer, w.pos is None, w.head is not None, kind)
         groups.setdefault(key, []).append(w)
+    long = lambda xs: torch.tensor(xs, dtype=torch.long, device=HOST)  # noqa: E731
     out = []
     for (site, layer, all_pos, has_head, kind), ws in groups.items():
-        long = lambda xs: torch.tensor(xs, dtype=torch.long, device=HOST)  # noqa: E731
         value = torch.stack([w.value for w in ws]) if kind[0] == "tensor" else kind[1] if kind[0] == "scalar" else 0.0
         copy = None if kind[0] != "copy" else (long([w.copy_from[0] for w in ws]), long([w.copy_from[1] for w in ws]))
         out.append(Intervention(site, layer, long([w.row for w in ws]), None if all_pos else long([w.pos for w in ws]),
@@ -104,17 +104,7 @@ def _on_model(lm, iv: Intervention) -> Intervention:
 def _write(x: torch.Tensor, iv: Intervention, n_heads: int) -> None:
     """In-place write; x is [batch, pos, d] (head_out: [batch, pos, heads*d_head])."""
     value = iv.value.to(x.dtype) if torch.is_tensor(iv.value) else iv.value  # a site may compute in float32
-    if iv.site in ("head_out", "qkv") and iv.heads is None:  # every head at once: the site's whole width
-        view = x.view(x.shape[0], x.shape[1], -1)
-        if torch.is_tensor(value):
-            value = value.reshape(len(iv.rows), -1) if iv.pos is not None else value.reshape(len(iv.rows), x.shape[1], -1)
-        if iv.copy_from is not None:
-            value = view[iv.copy_from[0], iv.copy_from[1]].clone()
-        if iv.pos is None:
-            view[iv.rows] = value
-        else:
-            view[iv.rows, iv.pos] = value
-    elif iv.site in ("head_out", "qkv"):
+    if iv.site in ("head_out", "qkv") and iv.heads is not None:
         chunks = n_heads if iv.site == "head_out" else iv.module[1]
         view = x.view(x.shape[0], x.shape[1], chunks, -1)  # [batch, pos, head, d_head]
         if iv.copy_from is not None:
@@ -123,7 +113,10 @@ def _write(x: torch.Tensor, iv: Intervention, n_heads: int) -> None:
             view[iv.rows, :, iv.heads] = value
         else:
             view[iv.rows, iv.pos, iv.heads] = value
-    elif iv.pos is None:
+        return
+    if torch.is_tensor(value) and iv.site in ("head_out", "qkv") and value.shape[-1] != x.shape[-1]:
+        value = value.flatten(-2)  # [..., head, d_head] for every head at once: the site's whole width
+    if iv.pos is None:
         x[iv.rows] = value
     else:
         x[iv.rows, iv.pos] = value if iv.copy_from is None else x[iv.copy_from[0], iv.copy_from[1]].clone()

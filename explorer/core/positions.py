@@ -59,14 +59,11 @@ def cells(spec, tp, what: str = "Patching") -> list:
     spec = parse(spec)
     if spec == "last":
         return [LAST]
-    where = {"each": "at each position", "all": "at all positions"}.get(spec, "at chosen positions") \
-        if isinstance(spec, str) else "at chosen positions"
-    tp.require_same_length(f"{what} {where}")
-    if spec == "each":
-        return list(range(tp.n_pos))
-    if spec == "all":
-        return [None]
-    return check_range(spec, tp.n_pos)
+    if isinstance(spec, list):
+        tp.require_same_length(f"{what} at chosen positions")
+        return check_range(spec, tp.n_pos)
+    tp.require_same_length(f"{what} at {'each position' if spec == 'each' else 'all positions'}")
+    return list(range(tp.n_pos)) if spec == "each" else [None]
 
 
 def indices(spec, n_pos: int) -> list[int] | None:
